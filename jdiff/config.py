@@ -1,0 +1,146 @@
+"""The configuration schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` choose values; these dataclasses fix the keys and their types, so a typo
+in an override or a wrong type fails while Hydra composes the config. Ranges and cross-key rules that a
+type cannot express are checked by :mod:`jdiff.validate` right after composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("prior", "train", "generate", "score")
+
+
+@dataclass
+class PathsConfig:
+    # Everything relative resolves against the directory jdiff was started from.
+    root: str = "."
+    cache: str = "${paths.root}/data/cache"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # A local diffusers-format folder or a Hugging Face hub id.
+    path: str = MISSING
+    # "tiny": the folder is built locally (random weights, SD 2.1 architecture) when missing.
+    builder: Optional[str] = None
+    builder_seed: int = 0
+    # Overrides the scheduler config's prediction type (epsilon / v_prediction) when set.
+    prediction_type: Optional[str] = None
+    revision: Optional[str] = None
+    # Allow a hub download when the weights are not on disk yet.
+    allow_download: bool = False
+
+
+@dataclass
+class EngineConfig:
+    name: str = MISSING
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    mixed_precision: str = "no"  # no, bf16, fp16 (LoRA weights stay fp32)
+    allow_pickle: bool = False  # load .bin (pickle) weights when no .safetensors exist
+
+
+@dataclass
+class LoraConfig:
+    unet_rank: int = 32
+    unet_alpha: Optional[float] = None  # None: equal to the rank
+    unet_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_rank: int = 0  # 0: no text-encoder LoRA
+    text_encoder_alpha: Optional[float] = None
+    text_encoder_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    text_encoder_lr_ratio: float = 0.1
+    # An existing adapter (file, or a run directory holding lora.safetensors) used instead of training.
+    path: Optional[str] = None
+
+
+@dataclass
+class PriorConfig:
+    enabled: bool = False
+    weight: float = 1.0
+    images_per_object: int = 8
+    template: str = "an image of {object}"
+    include_prompt_objects: bool = True  # class images for the prompt objects too, not only the training set's
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: float = 1.04  # resize to this multiple of the resolution, then crop back
+    random_crop: bool = True  # False: centre crop
+    hflip: float = 0.0  # probability of a horizontal flip
+    rotate_degrees: float = 0.0  # uniform rotation in [-d, d]
+
+
+@dataclass
+class InitConfig:
+    mode: str = "noise"  # noise, avg_image
+    strength: float = 0.9  # img2img strength for avg_image
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800
+    batch_size: int = 1  # style images per step (and as many class images with prior preservation)
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant, linear, cosine (after lr_warmup_steps of linear warm-up)
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class InferConfig:
+    steps: int = 40
+    guidance_scale: float = 7.5
+    batch_size: int = 5
+    negative_prompt: str = ""
+    # Blend of the style prompt's embedding (0) and the plain prompt's embedding (1).
+    origin_scale: float = 0.0
+    sampler: str = "model"  # model: the scheduler named by the model's config; ddim
+
+
+@dataclass
+class ScoreConfig:
+    metrics: List[str] = field(default_factory=lambda: ["hist"])
+
+
+@dataclass
+class DataConfig:
+    root: str = "${paths.root}/data/styles"
+    # "demo": a small style set jdiff draws itself into root when root is missing.
+    builder: Optional[str] = None
+    resolution: int = 512
+    train_template: str = "an image of {object} in style_{style}"
+    infer_template: str = "an image of {object} in style_{style}"
+    origin_template: str = "an image of {object}"
+
+
+@dataclass
+class JdiffConfig:
+    style: str = MISSING
+    seed: int = 42
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def register_configs() -> None:
+    """Register the schema; ``conf/config.yaml`` lists it first in its defaults, so every group is typed."""
+    ConfigStore.instance().store(name="jdiff_schema", node=JdiffConfig)

@@ -1,0 +1,116 @@
+"""The engine interface: the tensor work behind jdiff, in whichever deep-learning framework.
+
+The core hands an engine plain numpy arrays (images, noise, timesteps) and gets numpy back, so both
+engines see the same random numbers and can be checked against each other.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run (missing weights, out of memory, framework missing); the message says why."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    unet_rank: int
+    unet_alpha: float
+    unet_targets: tuple[str, ...]
+    text_encoder_rank: int = 0
+    text_encoder_alpha: float = 1.0
+    text_encoder_targets: tuple[str, ...] = ()
+    seed: int = 0  # initial A matrices come from jdiff.lora_file.initial_down_weights
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    max_grad_norm: float  # 0: no clipping
+    text_encoder_lr_ratio: float
+
+
+@dataclass
+class TrainBatch:
+    pixels: np.ndarray  # (B, 3, H, W) float32 in [-1, 1]
+    prompts: list[str]
+    weights: np.ndarray  # (B,) loss weight of each sample; the step's loss is sum(weights * per-sample MSE)
+    timesteps: np.ndarray  # (B,) int64
+    signal: np.ndarray  # (B,) sqrt(alpha_bar_t)
+    noise_level: np.ndarray  # (B,) sqrt(1 - alpha_bar_t)
+    noise: np.ndarray  # (B, C, h, w) the diffusion noise
+    posterior_noise: np.ndarray  # (B, C, h, w) the noise of the VAE posterior sample
+
+
+@dataclass
+class GenerateRequest:
+    prompts: list[str]
+    noise: np.ndarray  # (B, C, h, w) initial latent noise, one per prompt
+    steps: int
+    guidance_scale: float
+    negative_prompt: str = ""
+    origin_prompts: Optional[list[str]] = None  # blended in with origin_scale
+    origin_scale: float = 0.0
+    init_image: Optional[np.ndarray] = None  # (3, H, W) float32 in [-1, 1]: img2img from this image
+    init_posterior_noise: Optional[np.ndarray] = None  # (B, C, h, w)
+    strength: float = 1.0
+    sampler: str = "model"
+
+
+class Engine(abc.ABC):
+    """Loads a diffusers-format folder and does training and sampling for the core."""
+
+    name: str
+
+    @abc.abstractmethod
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents of a ``resolution`` px image."""
+
+    @property
+    @abc.abstractmethod
+    def prediction_type(self) -> str:
+        """epsilon or v_prediction: what the UNet is trained to predict."""
+
+    @abc.abstractmethod
+    def add_lora(self, spec: LoraSpec) -> None:
+        """Attach fresh adapters (B = 0, so the model is unchanged until trained)."""
+
+    @abc.abstractmethod
+    def load_lora(self, path: Path) -> None:
+        """Attach the adapters stored in a jdiff/diffusers LoRA .safetensors file."""
+
+    @abc.abstractmethod
+    def save_lora(self, path: Path) -> None:
+        """Write the attached adapters in the format diffusers' load_lora_weights reads."""
+
+    @abc.abstractmethod
+    def setup_training(self, settings: OptimizerSettings) -> None:
+        """Freeze everything but the adapters and build the optimizer."""
+
+    @abc.abstractmethod
+    def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
+        """One optimizer step; returns the per-sample losses (B,) before weighting."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest) -> list[np.ndarray]:
+        """Sample images; returns uint8 (H, W, 3) arrays, one per prompt."""
+
+
+def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
+                  prediction_type: Optional[str] = None, allow_pickle: bool = False) -> Engine:
+    """Import the engine only when asked: the core never imports a deep-learning framework itself."""
+    if name == "torch":
+        from jdiff.engines.torch.engine import TorchEngine
+
+        return TorchEngine(model_dir, device=device, mixed_precision=mixed_precision,
+                           prediction_type=prediction_type, allow_pickle=allow_pickle)
+    raise EngineError(f"engine.name={name!r} is not available; use engine=torch.")

@@ -1,0 +1,256 @@
+"""The PyTorch engine: diffusers models, peft LoRA, and a sampling loop that matches diffusers' pipelines.
+
+Random numbers never come from torch: the core passes every noise tensor in, so this engine and the
+Jittor one see the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import schedulers as diffusers_schedulers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from jdiff.engines.base import Engine, EngineError, GenerateRequest, LoraSpec, OptimizerSettings, TrainBatch
+from jdiff.lora_file import Adapter, initial_down_weights, load_adapters, save_adapters
+from jdiff.schedule import read_scheduler_config
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"engine.device={device} but PyTorch sees no CUDA GPU here; use engine.device=cpu or auto.")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(what: str):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        raise EngineError(
+            f"out of GPU memory while {what}. Try engine.mixed_precision=bf16, a smaller train.batch_size or "
+            f"infer.batch_size, or a free GPU ({err})"
+        ) from err
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
+                 prediction_type: Optional[str] = None, allow_pickle: bool = False):
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.dtype = DTYPES[mixed_precision]
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise EngineError("engine.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no.")
+        self.scheduler_config = read_scheduler_config(self.model_dir)
+        self._prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
+        kwargs = {"use_safetensors": not allow_pickle}
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(self.model_dir, subfolder="text_encoder", **kwargs)
+            self.vae = AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", **kwargs)
+            self.unet = UNet2DConditionModel.from_pretrained(self.model_dir, subfolder="unet", **kwargs)
+        except (OSError, EnvironmentError) as err:
+            hint = "" if allow_pickle else (
+                " If the folder only has pickle .bin weights, convert them to .safetensors or set "
+                "engine.allow_pickle=true (pickle files can run arbitrary code)."
+            )
+            raise EngineError(f"cannot load the model from {self.model_dir}: {err}.{hint}") from err
+        for model in (self.text_encoder, self.vae, self.unet):
+            model.requires_grad_(False)
+            model.eval()
+            model.to(self.device, dtype=self.dtype)
+        self.vae_scale = float(self.vae.config.scaling_factor)
+        self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
+
+    # -- shapes and settings ------------------------------------------------------------------------------
+
+    @property
+    def prediction_type(self) -> str:
+        return self._prediction_type
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.latent_channels, resolution // factor, resolution // factor)
+
+    def _tensor(self, array: np.ndarray, dtype=None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype=dtype or self.dtype)
+
+    # -- LoRA --------------------------------------------------------------------------------------------
+
+    def _models(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLayer]:
+        model = self._models()[prefix]
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        if not layers:
+            raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
+        for layer in layers.values():  # the adapter trains in fp32 even when the base model is half precision
+            layer.lora_A["default"].to(self.device, dtype=torch.float32)
+            layer.lora_B["default"].to(self.device, dtype=torch.float32)
+        return layers
+
+    def add_lora(self, spec: LoraSpec) -> None:
+        plan = {"unet": (spec.unet_targets, spec.unet_rank, spec.unet_alpha)}
+        if spec.text_encoder_rank > 0:
+            plan["text_encoder"] = (spec.text_encoder_targets, spec.text_encoder_rank, spec.text_encoder_alpha)
+        for prefix, (targets, rank, alpha) in plan.items():
+            layers = self._attach(prefix, targets, rank, alpha)
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    down = initial_down_weights(name, rank, layer.in_features, spec.seed)
+                    layer.lora_A["default"].weight.copy_(torch.from_numpy(down))
+                    layer.lora_B["default"].weight.zero_()
+            self.lora_settings[prefix] = (rank, float(alpha))
+
+    def load_lora(self, path: Path) -> None:
+        try:
+            stored = load_adapters(path)
+        except ValueError as err:
+            raise EngineError(str(err)) from err
+        for prefix, adapter in stored.items():
+            layers = self._attach(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
+            missing = sorted(set(adapter.layers) - set(layers))
+            if missing:
+                raise EngineError(f"{path}: the {prefix} has no layer {missing[0]}; was it trained on another model?")
+            with torch.no_grad():
+                for name, (down, up) in adapter.layers.items():
+                    layers[name].lora_A["default"].weight.copy_(torch.from_numpy(down))
+                    layers[name].lora_B["default"].weight.copy_(torch.from_numpy(up))
+            self.lora_settings[prefix] = (adapter.rank, adapter.alpha)
+
+    def save_lora(self, path: Path, extra_metadata: Optional[dict] = None) -> None:
+        out = {}
+        for prefix, (rank, alpha) in self.lora_settings.items():
+            model = self._models()[prefix]
+            layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+            out[prefix] = Adapter(rank, alpha, {
+                name: (
+                    layer.lora_A["default"].weight.detach().float().cpu().numpy(),
+                    layer.lora_B["default"].weight.detach().float().cpu().numpy(),
+                )
+                for name, layer in layers.items()
+            })
+        save_adapters(path, out, extra_metadata)
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def setup_training(self, settings: OptimizerSettings) -> None:
+        self.settings = settings
+        groups = []
+        for prefix, ratio in (("unet", 1.0), ("text_encoder", settings.text_encoder_lr_ratio)):
+            params = [p for n, p in self._models()[prefix].named_parameters() if ".lora_" in n]
+            for p in params:
+                p.requires_grad_(True)
+            if params:
+                groups.append({"params": params, "lr": settings.lr * ratio, "lr_ratio": ratio})
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                           weight_decay=settings.weight_decay)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def encode_images(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
+        dist = self.vae.encode(pixels).latent_dist
+        return (dist.mean + dist.std * posterior_noise - self.vae_shift) * self.vae_scale
+
+    def loss_terms(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
+        with torch.no_grad():
+            latents = self.encode_images(self._tensor(batch.pixels), self._tensor(batch.posterior_noise)).float()
+        states = self.encode_prompts(batch.prompts)
+        noise = self._tensor(batch.noise, torch.float32)
+        a = self._tensor(batch.signal, torch.float32).view(-1, 1, 1, 1)
+        s = self._tensor(batch.noise_level, torch.float32).view(-1, 1, 1, 1)
+        noisy = a * latents + s * noise
+        timesteps = torch.from_numpy(batch.timesteps).to(self.device)
+        pred = self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=states).sample.float()
+        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
+        return ((pred - target) ** 2).mean(dim=(1, 2, 3))
+
+    def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_ratio"]
+        with out_of_memory_hint("training"):
+            per_sample = self.loss_terms(batch)
+            loss = (per_sample * self._tensor(batch.weights, torch.float32)).sum()
+            loss.backward()
+            if self.settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return per_sample.detach().cpu().numpy()
+
+    # -- sampling -----------------------------------------------------------------------------------------
+
+    def make_sampler(self, sampler: str):
+        config = dict(self.scheduler_config, prediction_type=self.prediction_type)
+        if sampler == "ddim":
+            return DDIMScheduler.from_config(config)
+        cls = getattr(diffusers_schedulers, config.get("_class_name", "DDIMScheduler"), None)
+        if cls is None:
+            raise EngineError(f"the model's scheduler {config.get('_class_name')!r} is unknown to diffusers")
+        return cls.from_config(config)
+
+    @torch.no_grad()
+    def generate(self, request: GenerateRequest) -> list[np.ndarray]:
+        with out_of_memory_hint("generating images"):
+            return self._generate(request)
+
+    def _generate(self, req: GenerateRequest) -> list[np.ndarray]:
+        n = len(req.prompts)
+        sampler = self.make_sampler(req.sampler)
+        sampler.set_timesteps(req.steps, device=self.device)
+        timesteps = sampler.timesteps
+        cond = self.encode_prompts(req.prompts)
+        if req.origin_prompts is not None and req.origin_scale > 0:
+            cond = torch.lerp(cond, self.encode_prompts(req.origin_prompts), req.origin_scale)
+        guided = req.guidance_scale > 1.0
+        states = torch.cat([self.encode_prompts([req.negative_prompt] * n), cond]) if guided else cond
+        noise = self._tensor(req.noise)
+        if req.init_image is None:
+            latents = noise * sampler.init_noise_sigma
+        else:  # img2img (SDEdit): noise the encoded init image to the strength's timestep, denoise from there
+            kept = min(int(req.steps * req.strength), req.steps)
+            start = max(req.steps - kept, 0) * sampler.order
+            timesteps = timesteps[start:]
+            if hasattr(sampler, "set_begin_index"):
+                sampler.set_begin_index(start)
+            pixels = self._tensor(np.repeat(req.init_image[None], n, axis=0))
+            latents = self.encode_images(pixels, self._tensor(req.init_posterior_noise))
+            latents = sampler.add_noise(latents, noise, timesteps[:1].repeat(n))
+        for t in timesteps:
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = sampler.scale_model_input(model_input, t)
+            pred = self.unet(model_input, t, encoder_hidden_states=states).sample
+            if guided:
+                uncond, text = pred.chunk(2)
+                pred = uncond + req.guidance_scale * (text - uncond)
+            latents = sampler.step(pred, t, latents).prev_sample
+        images = self.vae.decode(latents / self.vae_scale + self.vae_shift).sample
+        images = (images * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [(im * 255).round().astype(np.uint8) for im in images]

@@ -1,0 +1,178 @@
+"""One run: validate, then the stages prior -> train -> generate -> score, each writing into the run dir.
+
+The run directory ends up holding everything needed to understand and reproduce the run:
+
+    config.yaml         the resolved config
+    lora.safetensors    the adapter (diffusers' load_lora_weights reads it)
+    loss.csv            the per-step training loss
+    images/<Object>.png one image per prompt
+    scores.json         the metrics and the final score
+    contact_sheet.png   references and generated images, labelled
+    run.log             the log
+    COMPLETE            written last: the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from jdiff.contact_sheet import contact_sheet
+from jdiff.data import load_rgb, load_style
+from jdiff.demo_data import write_demo_styles
+from jdiff.engines.base import Engine, LoraSpec, create_engine
+from jdiff.files import save_png, write_json, write_text
+from jdiff.generate import generate_images
+from jdiff.models import resolve_model_dir
+from jdiff.prior import ClassImageSettings, class_cache_dir, class_images, load_class_images
+from jdiff.schedule import NoiseSchedule
+from jdiff.scoring import final_score, hist_score
+from jdiff.train import train_lora
+from jdiff.validate import validate_config
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+LORA_FILE = "lora.safetensors"
+
+
+def resolve_paths(cfg: DictConfig) -> DictConfig:
+    """Make paths.root absolute so every derived path is, whatever the working directory later."""
+    cfg.paths.root = str(Path(cfg.paths.root).expanduser().resolve())
+    return cfg
+
+
+def lora_spec(cfg: DictConfig) -> LoraSpec:
+    lora = cfg.lora
+    return LoraSpec(
+        unet_rank=lora.unet_rank,
+        unet_alpha=float(lora.unet_alpha or lora.unet_rank),
+        unet_targets=tuple(lora.unet_targets),
+        text_encoder_rank=lora.text_encoder_rank,
+        text_encoder_alpha=float(lora.text_encoder_alpha or lora.text_encoder_rank or 1),
+        text_encoder_targets=tuple(lora.text_encoder_targets),
+        seed=cfg.seed,
+    )
+
+
+class Run:
+    """The state shared by the stages of one run; the engine is loaded on first use."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        if cfg.data.builder == "demo":
+            write_demo_styles(Path(cfg.data.root))
+        self.style = load_style(Path(cfg.data.root), str(cfg.style))
+        self.model_dir = resolve_model_dir(cfg.model)
+        self.schedule = NoiseSchedule.from_model(self.model_dir, cfg.model.prediction_type)
+        self._engine: Optional[Engine] = None
+        self.class_items = []
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            e = self.cfg.engine
+            log.info("loading %s with engine=%s", self.model_dir, e.name)
+            self._engine = create_engine(e.name, self.model_dir, device=e.device, mixed_precision=e.mixed_precision,
+                                         prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle)
+        return self._engine
+
+    # -- stages -------------------------------------------------------------------------------------------
+
+    def prior(self) -> None:
+        cfg = self.cfg
+        settings = ClassImageSettings(
+            template=cfg.prior.template, resolution=cfg.data.resolution, steps=cfg.infer.steps,
+            guidance_scale=cfg.infer.guidance_scale, negative_prompt=cfg.infer.negative_prompt,
+            sampler=cfg.infer.sampler, seed=cfg.seed, prediction_type=self.schedule.prediction_type,
+        )
+        objects = list(self.style.objects)
+        if cfg.prior.include_prompt_objects:
+            objects += list(self.style.prompt_objects)
+        cache = class_cache_dir(Path(cfg.paths.cache), self.model_dir, settings)
+        self.class_items = class_images(cache, objects, cfg.prior.images_per_object, settings,
+                                        lambda: self.engine, cfg.infer.batch_size)
+
+    def train(self) -> None:
+        if self.cfg.prior.enabled and not self.class_items:
+            self.prior()
+        self.engine.add_lora(lora_spec(self.cfg))
+        train_lora(self.engine, self.cfg, self.style, load_class_images(self.class_items),
+                   [item.prompt for item in self.class_items], self.schedule, self.dir / "loss.csv")
+        self.engine.save_lora(self.dir / LORA_FILE, extra_metadata={"style": self.style.style_id,
+                                                                     "steps": self.cfg.train.steps})
+
+    def generate(self) -> None:
+        if "train" not in self.cfg.stages:
+            self.engine.load_lora(Path(self.cfg.lora.path))
+        generate_images(self.engine, self.cfg, self.style, self.dir / "images")
+
+    def score(self) -> dict:
+        started = time.perf_counter()
+        generated = self.generated_images()
+        metrics = {"hist": hist_score([im for _, im in generated], self.style.images())}
+        final = final_score(metrics)
+        result = {"style": self.style.style_id, "images": len(generated), "metrics": metrics,
+                  "final": final.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
+        write_json(self.dir / "scores.json", result)
+        return result
+
+    def generated_images(self) -> list[tuple[str, object]]:
+        from jdiff.data import image_file_name
+
+        return [(o, load_rgb(self.dir / "images" / image_file_name(o))) for o in self.style.prompt_objects]
+
+    def write_contact_sheet(self) -> None:
+        res = min(self.cfg.data.resolution, 256)
+        refs = list(zip(self.style.objects, self.style.images_at(res)))
+        sheet = contact_sheet(refs, self.generated_images(), title=f"style {self.style.style_id}")
+        save_png(self.dir / "contact_sheet.png", sheet)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Optional[float]:
+    """Run the configured stages into ``run_dir``; returns the final score when the score stage ran."""
+    started = time.perf_counter()
+    resolve_paths(cfg)
+    validate_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / COMPLETE).unlink(missing_ok=True)
+    run = Run(cfg, run_dir)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    stages = list(cfg.stages)
+    if "prior" in stages and cfg.prior.enabled:
+        run.prior()
+    if "train" in stages:
+        run.train()
+    if "generate" in stages:
+        run.generate()
+        run.write_contact_sheet()
+    scores = run.score() if "score" in stages else None
+    seconds = round(time.perf_counter() - started, 2)
+    final = scores["final"]["value"] if scores else None
+    write_json(run_dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages})
+    summary(run_dir, scores, seconds)
+    return final
+
+
+def summary(run_dir: Path, scores: Optional[dict], seconds: float) -> None:
+    lines = ["", f"jdiff run finished in {seconds:.1f} s", f"  run dir      {run_dir}"]
+    if scores:
+        final = scores["final"]
+        note = f"  (partial: missing {', '.join(final['missing'])})" if final["missing"] else ""
+        lines.append(f"  final score  {final['value']:.4f}{note}")
+        lines += [f"  {k:<12} {v:.4f}" for k, v in scores["metrics"].items()]
+    for name in ("images", LORA_FILE, "scores.json", "contact_sheet.png", "loss.csv"):
+        if (run_dir / name).exists():
+            lines.append(f"  {name:<12} {run_dir / name}")
+    log.info("\n".join(lines))
+
+
+def read_scores(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "scores.json").read_text())

@@ -1,0 +1,120 @@
+"""Checks that run after Hydra composed the config and before any model is loaded.
+
+Types and key names are already enforced by the schema (jdiff/config.py); here go the ranges and the
+rules between keys. Every message names the key, the value, and what would work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from jdiff.config import STAGES
+
+ENGINES = ("torch", "jittor")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+INIT_MODES = ("noise", "avg_image")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SAMPLERS = ("model", "ddim")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+KNOWN_METRICS = ("hist",)
+
+
+class ConfigError(ValueError):
+    """A config value jdiff cannot run with; the message names the key and the fix."""
+
+
+def _check(ok: bool, key: str, value, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {need}.")
+
+
+def _one_of(key: str, value, allowed) -> None:
+    _check(value in allowed, key, value, f"use one of {', '.join(map(str, allowed))}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` on the first value that cannot work."""
+    stages = list(cfg.stages)
+    for stage in stages:
+        _one_of("stages", stage, STAGES)
+    _check(len(stages) > 0, "stages", stages, "name at least one of " + ", ".join(STAGES))
+    _check(stages == [s for s in STAGES if s in stages], "stages", stages, f"list them in the order {list(STAGES)}")
+    _check(len(set(stages)) == len(stages), "stages", stages, "name each stage once")
+
+    lora = cfg.lora
+    _check(lora.unet_rank >= 1, "lora.unet_rank", lora.unet_rank, "the UNet LoRA rank must be >= 1 (e.g. 4 or 32)")
+    _check(lora.text_encoder_rank >= 0, "lora.text_encoder_rank", lora.text_encoder_rank, "use 0 (off) or a rank >= 1")
+    for key in ("unet_alpha", "text_encoder_alpha"):
+        value = lora[key]
+        _check(value is None or value > 0, f"lora.{key}", value, "alpha must be > 0, or null for alpha = rank")
+    _check(lora.text_encoder_lr_ratio > 0, "lora.text_encoder_lr_ratio", lora.text_encoder_lr_ratio, "must be > 0")
+    _check(len(lora.unet_targets) > 0, "lora.unet_targets", list(lora.unet_targets), "name at least one module")
+    if "train" not in stages and ("generate" in stages):
+        _check(
+            lora.path is not None,
+            "lora.path",
+            lora.path,
+            "without the train stage, generate needs a trained adapter: set lora.path=<run dir or .safetensors>",
+        )
+    if lora.path is not None and "train" not in stages:
+        path = Path(lora.path)
+        if path.is_dir():
+            path = path / "lora.safetensors"
+        _check(path.is_file(), "lora.path", lora.path, f"{path} does not exist; point it at a jdiff run or adapter file")
+
+    prior = cfg.prior
+    _check(prior.weight >= 0, "prior.weight", prior.weight, "the class-loss weight must be >= 0")
+    _check(prior.images_per_object >= 1, "prior.images_per_object", prior.images_per_object, "must be >= 1")
+    _check("{object}" in prior.template, "prior.template", prior.template, "it must contain {object}")
+
+    aug = cfg.augment
+    _check(aug.crop_scale >= 1.0, "augment.crop_scale", aug.crop_scale, "must be >= 1.0 (1.0: no enlargement)")
+    _check(0.0 <= aug.hflip <= 1.0, "augment.hflip", aug.hflip, "a probability in [0, 1]")
+    _check(0.0 <= aug.rotate_degrees <= 180.0, "augment.rotate_degrees", aug.rotate_degrees, "degrees in [0, 180]")
+
+    _one_of("init.mode", cfg.init.mode, INIT_MODES)
+    _check(0.0 < cfg.init.strength <= 1.0, "init.strength", cfg.init.strength, "a strength in (0, 1]")
+
+    train = cfg.train
+    _check(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
+    _check(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
+    _check(train.lr > 0, "train.lr", train.lr, "must be > 0")
+    _one_of("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    _check(0 <= train.lr_warmup_steps <= train.steps, "train.lr_warmup_steps", train.lr_warmup_steps, "in [0, train.steps]")
+    _check(0 <= train.adam_beta1 < 1, "train.adam_beta1", train.adam_beta1, "in [0, 1)")
+    _check(0 <= train.adam_beta2 < 1, "train.adam_beta2", train.adam_beta2, "in [0, 1)")
+    _check(train.adam_epsilon > 0, "train.adam_epsilon", train.adam_epsilon, "must be > 0")
+    _check(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
+    _check(train.max_grad_norm >= 0, "train.max_grad_norm", train.max_grad_norm, "must be >= 0 (0: no clipping)")
+
+    infer = cfg.infer
+    _check(infer.steps >= 1, "infer.steps", infer.steps, "must be >= 1")
+    _check(infer.guidance_scale >= 0, "infer.guidance_scale", infer.guidance_scale, "must be >= 0 (<= 1: no guidance)")
+    _check(infer.batch_size >= 1, "infer.batch_size", infer.batch_size, "must be >= 1")
+    _check(0.0 <= infer.origin_scale <= 1.0, "infer.origin_scale", infer.origin_scale, "a blend weight in [0, 1]")
+    _one_of("infer.sampler", infer.sampler, SAMPLERS)
+
+    for metric in cfg.score.metrics:
+        _one_of("score.metrics", metric, KNOWN_METRICS)
+
+    data = cfg.data
+    _check(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution", data.resolution, "a multiple of 8")
+    for key in ("train_template", "infer_template", "origin_template"):
+        _check("{object}" in data[key], f"data.{key}", data[key], "it must contain {object}")
+    _check(data.builder in (None, "demo"), "data.builder", data.builder, "null or demo")
+
+    engine = cfg.engine
+    _one_of("engine.name", engine.name, ENGINES)
+    _one_of("engine.mixed_precision", engine.mixed_precision, MIXED_PRECISION)
+    device = str(engine.device)
+    _check(
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
+        "engine.device",
+        device,
+        "use auto, cpu, cuda or cuda:N",
+    )
+    if cfg.model.prediction_type is not None:
+        _one_of("model.prediction_type", cfg.model.prediction_type, PREDICTION_TYPES)
+    _check(cfg.model.builder in (None, "tiny"), "model.builder", cfg.model.builder, "null or tiny")
