@@ -43,6 +43,12 @@ def initial_down_weights(module: str, rank: int, in_features: int, seed: int) ->
     return (rng.standard_normal((rank, in_features)) / rank).astype(np.float32)
 
 
+def module_suffix(module: str) -> str:
+    """The short name peft matches a layer by: ``to_q``, ``q_proj``, or ``to_out.0`` for numbered ones."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def save_adapters(path: Path, adapters: dict[str, Adapter], extra_metadata: dict | None = None) -> Path:
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, object] = {}
@@ -56,7 +62,7 @@ def save_adapters(path: Path, adapters: dict[str, Adapter], extra_metadata: dict
             tensors[f"{prefix}.{module}.lora_B.weight"] = np.ascontiguousarray(up, dtype=np.float32)
         meta[f"{prefix}.r"] = adapter.rank
         meta[f"{prefix}.lora_alpha"] = adapter.alpha
-        meta[f"{prefix}.target_modules"] = sorted(adapter.layers)
+        meta[f"{prefix}.target_modules"] = sorted({module_suffix(m) for m in adapter.layers})
     if not tensors:
         raise ValueError("no adapter weights to save")
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}

@@ -75,7 +75,7 @@ __all__ = [
 ]
 
 #: Bump when the architecture / tokenizer / file layout changes; part of the cache folder name.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 PREDICTION_TYPES = ("v_prediction", "epsilon")
 
@@ -301,6 +301,18 @@ def _component_seed(seed: int, k: int) -> int:
     return (int(seed) * 1_000_003 + k) % (2**63)
 
 
+def _canonical_text_encoder_keys(path: Path) -> None:
+    """Name the weights ``text_model.*`` as real SD checkpoints do (transformers 5 saves a freshly built
+    CLIPTextModel without that prefix); both transformers 4 and 5 and the Jittor engine read this form."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    if all(k.startswith("text_model.") for k in tensors):
+        return
+    renamed = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in tensors.items()}
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
 def _fix_zero_init(model, generator, std: float = 0.02) -> list[str]:
     """Re-initialise all-zero weight tensors (ndim >= 2) with N(0, std); return their names."""
     import torch
@@ -395,6 +407,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_pre
         n_params["text_encoder"] = sum(p.numel() for p in text_encoder.parameters())
         text_encoder.save_pretrained(out_dir / "text_encoder", safe_serialization=True)
         del text_encoder
+        _canonical_text_encoder_keys(out_dir / "text_encoder" / "model.safetensors")
 
     (out_dir / "scheduler").mkdir(exist_ok=True)
     _write_json(

@@ -214,20 +214,24 @@ def hist_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
     ``sum((a-ma)(b-mb)) / sqrt(sum((a-ma)^2) * sum((b-mb)^2))``.
 
-    If either histogram is constant the formula is 0/0. We return 1.0 in that
-    case because that is what ``cv2.compareHist`` does (it returns 1 whenever
-    the denominator vanishes), and the challenge checker used OpenCV. A real
-    image's histogram is never constant over 4096 or 72 bins in practice, so
-    the choice only matters for agreement with OpenCV.
+    If a histogram is constant (flat) its variance is 0 and the formula is
+    0/0. ``cv2.compareHist`` returns 1 when the denominator is (near) zero,
+    but with float data a single flat histogram usually leaves a rounding-size
+    denominator and OpenCV then returns ~0 (e.g. float32 1/72 everywhere
+    against a ramp gives 0.0). We therefore return 1.0 when both are flat
+    (identical in shape; OpenCV agrees) and 0.0 when only one is (no linear
+    relation to measure). A real image's histogram is never flat over 4096 or
+    72 bins in practice, so this only pins down the degenerate case.
     """
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"histograms must be non-empty and equal length, got {a.size} and {b.size}")
-    # Test constancy exactly: subtracting a rounded mean would leave tiny
+    # Test flatness exactly: subtracting a rounded mean would leave tiny
     # non-zero residuals and give an arbitrary result instead of 0/0.
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 1.0
+    a_flat, b_flat = np.ptp(a) == 0, np.ptp(b) == 0
+    if a_flat or b_flat:
+        return 1.0 if a_flat and b_flat else 0.0
     da = a - a.mean()
     db = b - b.mean()
     return float(np.dot(da, db) / np.sqrt(np.dot(da, da) * np.dot(db, db)))

@@ -99,10 +99,19 @@ class TorchEngine(Engine):
     def _models(self):
         return {"unet": self.unet, "text_encoder": self.text_encoder}
 
+    def _lora_layers(self, prefix: str) -> dict[str, LoraLayer]:
+        """Adapted layers by their file name: text-encoder names always carry ``text_model.``, as in real SD
+        checkpoints, although transformers 5's CLIPTextModel has no such submodule."""
+        model = self._models()[prefix]
+        extra = "text_model." if prefix == "text_encoder" and not hasattr(model, "text_model") else ""
+        return {extra + name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLayer]:
         model = self._models()[prefix]
+        if prefix == "text_encoder" and not hasattr(model, "text_model"):
+            targets = [t.removeprefix("text_model.") for t in targets]
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
-        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        layers = self._lora_layers(prefix)
         if not layers:
             raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
         for layer in layers.values():  # the adapter trains in fp32 even when the base model is half precision
@@ -142,8 +151,7 @@ class TorchEngine(Engine):
     def save_lora(self, path: Path, extra_metadata: Optional[dict] = None) -> None:
         out = {}
         for prefix, (rank, alpha) in self.lora_settings.items():
-            model = self._models()[prefix]
-            layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+            layers = self._lora_layers(prefix)
             out[prefix] = Adapter(rank, alpha, {
                 name: (
                     layer.lora_A["default"].weight.detach().float().cpu().numpy(),

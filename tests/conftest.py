@@ -1,0 +1,36 @@
+"""Shared fixtures: Hydra composition the way the CLI does it, and a tiny model built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from jdiff.config import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# The demo made shorter still: every stage runs, in a few seconds.
+QUICK = ["experiment=demo", "train.steps=4", "infer.steps=3", "prior.images_per_object=1"]
+
+
+def compose_config(overrides: list[str], root: Path):
+    """Compose ``conf/config.yaml`` with overrides, rooted in ``root`` (its data/cache is used)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    cfg.paths.root = str(root)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def jdiff_root(tmp_path_factory) -> Path:
+    """A project root shared by the session: its cache holds the tiny model and the demo styles."""
+    return tmp_path_factory.mktemp("jdiff_root")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(jdiff_root) -> Path:
+    from jdiff.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(jdiff_root / "data" / "cache" / "models", seed=0)
