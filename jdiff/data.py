@@ -39,7 +39,7 @@ def load_rgb(path: Path) -> np.ndarray:
         raise StyleDataError(f"cannot read image {path}: {err}. Replace or remove the file.") from err
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        scale = 65535.0 if arr.max() > 255 else 255.0
+        scale = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")

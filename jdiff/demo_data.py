@@ -69,6 +69,9 @@ def write_demo_styles(root: Path) -> Path:
                 prompt = {str(i): name for i, name in enumerate(prompts)}
                 (tmp / style_id / "prompt.json").write_text(json.dumps(prompt, indent=2))
             (tmp / ".complete").write_text("demo style set\n")
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it owner-only; the cache is shared
             if root.exists():  # an incomplete set from an interrupted run
                 shutil.rmtree(root)
             os.replace(tmp, root)

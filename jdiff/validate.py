@@ -40,8 +40,10 @@ def validate_config(cfg: DictConfig) -> None:
     for stage in stages:
         _one_of("stages", stage, STAGES)
     _check(len(stages) > 0, "stages", stages, "name at least one of " + ", ".join(STAGES))
-    _check(stages == [s for s in STAGES if s in stages], "stages", stages, f"list them in the order {list(STAGES)}")
     _check(len(set(stages)) == len(stages), "stages", stages, "name each stage once")
+    _check(stages == [s for s in STAGES if s in stages], "stages", stages, f"list them in the order {list(STAGES)}")
+    if "score" in stages:
+        _check("generate" in stages, "stages", stages, "the score stage scores this run's images: add generate")
 
     lora = cfg.lora
     _check(lora.unet_rank >= 1, "lora.unet_rank", lora.unet_rank, "the UNet LoRA rank must be >= 1 (e.g. 4 or 32)")
@@ -101,7 +103,9 @@ def validate_config(cfg: DictConfig) -> None:
 
     data = cfg.data
     _check(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution", data.resolution, "a multiple of 8")
-    for key in ("train_template", "infer_template", "origin_template"):
+    _check("{object}" in data.train_template or "{style}" in data.train_template, "data.train_template",
+           data.train_template, "it must contain {object} or {style}")
+    for key in ("infer_template", "origin_template"):
         _check("{object}" in data[key], f"data.{key}", data[key], "it must contain {object}")
     _check(data.builder in (None, "demo"), "data.builder", data.builder, "null or demo")
 

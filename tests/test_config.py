@@ -287,8 +287,8 @@ def test_empty_and_duplicate_stages(base_cfg):
     expect_config_error(with_values(base_cfg, stages=["train", "train"]), "stages=['train', 'train']")
 
 
-@pytest.mark.parametrize("stages", [["prior"], ["train"], ["prior", "train"], ["train", "generate", "score"],
-                                    ["train", "score"]])
+@pytest.mark.parametrize("stages", [["prior"], ["train"], ["prior", "train"], ["train", "generate"],
+                                    ["train", "generate", "score"]])
 def test_valid_stage_subsets(base_cfg, stages):
     validate_config(with_values(base_cfg, stages=stages))
 

@@ -405,6 +405,23 @@ def test_augment_hflip_mirrors():
     assert not np.array_equal(flipped, plain)
 
 
+def test_augment_options_do_not_shift_random_numbers():
+    # Every call draws the same random numbers whatever is enabled: turning flips or rotation on must not
+    # change which crop a seed picks, nor the random numbers left for the caller.
+    arr = random_rgb(27, 90, 90)
+    options = [dict(), dict(hflip=0.5), dict(hflip=1.0), dict(rotate_degrees=10.0), dict(hflip=0.5, rotate_degrees=5.0)]
+    nexts = []
+    for opts in options:
+        rng = np.random.default_rng(11)
+        augment(arr, 64, rng, crop_scale=1.2, random_crop=True, **opts)
+        nexts.append(rng.random())
+    assert len(set(nexts)) == 1
+    for seed in range(6):
+        plain = augment(arr, 64, np.random.default_rng(seed), crop_scale=1.2, random_crop=True)
+        maybe = augment(arr, 64, np.random.default_rng(seed), crop_scale=1.2, random_crop=True, hflip=0.5)
+        assert np.array_equal(maybe, plain) or np.array_equal(maybe[:, ::-1], plain)
+
+
 def _window_offset(big: np.ndarray, crop: np.ndarray) -> tuple[int, int] | None:
     r = crop.shape[0]
     for top in range(big.shape[0] - r + 1):
