@@ -166,7 +166,7 @@ def summary(run_dir: Path, scores: Optional[dict], seconds: float) -> None:
     if scores:
         final = scores["final"]
         note = f"  (partial: missing {', '.join(final['missing'])})" if final["missing"] else ""
-        lines.append(f"  final score  {final['value']:.4f}{note}")
+        lines.append(f"  final score  {final['value'] + 0.0:.4f}{note}")  # + 0.0: no '-0.0000'
         lines += [f"  {k:<12} {v:.4f}" for k, v in scores["metrics"].items()]
     for name in ("images", LORA_FILE, "scores.json", "contact_sheet.png", "loss.csv"):
         if (run_dir / name).exists():

@@ -60,7 +60,7 @@ class TorchEngine(Engine):
             raise EngineError("engine.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no.")
         self.scheduler_config = read_scheduler_config(self.model_dir)
         self._prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
-        kwargs = {"use_safetensors": not allow_pickle}
+        kwargs = {"use_safetensors": not allow_pickle, "torch_dtype": self.dtype}
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer")
             self.text_encoder = CLIPTextModel.from_pretrained(self.model_dir, subfolder="text_encoder", **kwargs)
@@ -75,7 +75,7 @@ class TorchEngine(Engine):
         for model in (self.text_encoder, self.vae, self.unet):
             model.requires_grad_(False)
             model.eval()
-            model.to(self.device, dtype=self.dtype)
+            model.to(self.device)
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
