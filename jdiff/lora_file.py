@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from jdiff.files import atomic_write
@@ -78,8 +78,6 @@ def load_adapters(path: Path) -> dict[str, Adapter]:
         path = path / "lora.safetensors"
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
     except (FileNotFoundError, SafetensorError, OSError) as err:

@@ -14,22 +14,22 @@ The run directory ends up holding everything needed to understand and reproduce 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from jdiff.contact_sheet import contact_sheet
-from jdiff.data import load_rgb, load_style
+from jdiff.data import image_file_name, load_rgb, load_style
 from jdiff.demo_data import write_demo_styles
 from jdiff.engines.base import Engine, LoraSpec, create_engine
 from jdiff.files import save_png, write_json, write_text
 from jdiff.generate import generate_images
 from jdiff.models import resolve_model_dir
-from jdiff.prior import ClassImageSettings, class_cache_dir, class_images, load_class_images
+from jdiff.prior import ClassImage, ClassImageSettings, class_cache_dir, class_images, load_class_images
 from jdiff.schedule import NoiseSchedule
 from jdiff.scoring import final_score, hist_score
 from jdiff.train import train_lora
@@ -72,7 +72,7 @@ class Run:
         self.model_dir = resolve_model_dir(cfg.model)
         self.schedule = NoiseSchedule.from_model(self.model_dir, cfg.model.prediction_type)
         self._engine: Optional[Engine] = None
-        self.class_items = []
+        self.class_items: list[ClassImage] = []
 
     @property
     def engine(self) -> Engine:
@@ -123,9 +123,7 @@ class Run:
         write_json(self.dir / "scores.json", result)
         return result
 
-    def generated_images(self) -> list[tuple[str, object]]:
-        from jdiff.data import image_file_name
-
+    def generated_images(self) -> list[tuple[str, np.ndarray]]:
         return [(o, load_rgb(self.dir / "images" / image_file_name(o))) for o in self.style.prompt_objects]
 
     def write_contact_sheet(self) -> None:
@@ -173,6 +171,3 @@ def summary(run_dir: Path, scores: Optional[dict], seconds: float) -> None:
             lines.append(f"  {name:<12} {run_dir / name}")
     log.info("\n".join(lines))
 
-
-def read_scores(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "scores.json").read_text())
