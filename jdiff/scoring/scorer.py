@@ -252,13 +252,21 @@ class Scorer:
         return values, hits, fid_sets
 
     def _inception(self, net, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Features in image order; images of one size go through together (the network resizes to 299)."""
         import torch
 
-        rows = []
-        for im in images:  # one at a time: images may differ in size; the network resizes each to 299
-            batch = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))[None].to(self.device)
-            rows.append(net(batch).cpu().numpy())
-        return np.concatenate(rows).astype(np.float64)
+        rows: list[Optional[np.ndarray]] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(im.shape, []).append(i)
+        bs = int(self.settings.batch_size)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), bs):
+                chunk = indices[start : start + bs]
+                batch = torch.from_numpy(np.stack([images[i].transpose(2, 0, 1) for i in chunk])).to(self.device)
+                for i, row in zip(chunk, net(batch).cpu().numpy()):
+                    rows[i] = row
+        return np.stack(rows).astype(np.float64)
 
     def _lpips(self, net, generated: Sequence[np.ndarray], refs: Sequence[np.ndarray], key: str) -> float:
         import torch
