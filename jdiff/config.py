@@ -109,7 +109,21 @@ class InferConfig:
 
 @dataclass
 class ScoreConfig:
-    metrics: List[str] = field(default_factory=lambda: ["hist"])
+    # Metrics to compute; a metric whose weights are missing is skipped and the final score marked partial.
+    metrics: List[str] = field(default_factory=lambda: ["dinov2", "hist", "lpips", "fid", "clip_iqa", "clip_r"])
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    batch_size: int = 25
+    allow_download: bool = False  # fetch missing metric weights (otherwise only local files and caches are used)
+    # Hugging Face hub ids or local folders.
+    dinov2_model: str = "facebook/dinov2-base"
+    clip_iqa_model: str = "openai/clip-vit-base-patch16"
+    clip_r_model: str = "openai/clip-vit-large-patch14"
+    # .pth state dicts: a path, or a file name in torch's hub cache (~/.cache/torch/hub/checkpoints).
+    lpips_backbone: str = "squeezenet1_1-b8a52dc0.pth"  # torchvision's SqueezeNet 1.1
+    lpips_head: str = "squeeze.pth"  # the lpips package's v0.1 linear layers
+    fid_weights: str = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception v3
+    fid_feature: int = 64  # Inception layer width: 64 (the challenge's), 192, 768 or 2048
+    clip_r_names: Optional[str] = None  # a file of candidate names, one a line; null: the challenge's 215
 
 
 @dataclass

@@ -31,7 +31,8 @@ from jdiff.generate import generate_images
 from jdiff.models import resolve_model_dir
 from jdiff.prior import ClassImage, ClassImageSettings, class_cache_dir, class_images, load_class_images
 from jdiff.schedule import NoiseSchedule
-from jdiff.scoring import final_score, hist_score
+from jdiff.scoring import final_score
+from jdiff.scoring.scorer import Scorer, StyleImages
 from jdiff.train import train_lora
 from jdiff.validate import validate_config
 
@@ -114,13 +115,14 @@ class Run:
         generate_images(self.engine, self.cfg, self.style, self.dir / "images")
 
     def score(self) -> dict:
-        started = time.perf_counter()
         generated = self.generated_images()
-        metrics = {"hist": hist_score([im for _, im in generated], self.style.images())}
-        final = final_score(metrics)
-        result = {"style": self.style.style_id, "images": len(generated), "metrics": metrics,
-                  "final": final.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
+        style = StyleImages(self.style.style_id, generated, self.style.images())
+        scored = Scorer(self.cfg.score, Path(self.cfg.paths.cache)).score([style])
+        final = final_score(scored.metrics)
+        result = {"style": self.style.style_id, "images": len(generated), "metrics": scored.metrics,
+                  "final": final.to_dict(), "skipped": scored.skipped, "seconds": round(scored.seconds, 3)}
         write_json(self.dir / "scores.json", result)
+        log.info("scored %d images in %.1f s", len(generated), scored.seconds)
         return result
 
     def generated_images(self) -> list[tuple[str, np.ndarray]]:

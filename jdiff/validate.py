@@ -18,7 +18,8 @@ INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("model", "ddim")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-KNOWN_METRICS = ("hist",)
+KNOWN_METRICS = ("dinov2", "hist", "lpips", "fid", "clip_iqa", "clip_r")
+FID_FEATURES = (64, 192, 768, 2048)
 
 
 class ConfigError(ValueError):
@@ -98,8 +99,17 @@ def validate_config(cfg: DictConfig) -> None:
     _check(0.0 <= infer.origin_scale <= 1.0, "infer.origin_scale", infer.origin_scale, "a blend weight in [0, 1]")
     _one_of("infer.sampler", infer.sampler, SAMPLERS)
 
-    for metric in cfg.score.metrics:
+    score = cfg.score
+    for metric in score.metrics:
         _one_of("score.metrics", metric, KNOWN_METRICS)
+    device = str(score.device)
+    _check(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
+           "score.device", device, "use auto, cpu, cuda or cuda:N")
+    _check(score.batch_size >= 1, "score.batch_size", score.batch_size, "must be >= 1")
+    _one_of("score.fid_feature", score.fid_feature, FID_FEATURES)
+    if score.clip_r_names is not None:
+        _check(Path(score.clip_r_names).is_file(), "score.clip_r_names", score.clip_r_names,
+               "no such file; give a text file of object names, one a line, or null for the challenge's 215")
 
     data = cfg.data
     _check(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution", data.resolution, "a multiple of 8")

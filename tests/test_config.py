@@ -249,7 +249,7 @@ BAD_VALUES = [
     ("data.builder", "web", "data.builder='web'"),
     ("model.builder", "huge", "model.builder='huge'"),
     ("model.prediction_type", "sample", "model.prediction_type='sample'"),
-    ("score.metrics", ["hist", "fid"], "score.metrics='fid'"),
+    ("score.metrics", ["hist", "clip_score"], "score.metrics='clip_score'"),
 ]
 
 

@@ -1,0 +1,132 @@
+"""``python -m jdiff.score <images_dir> [overrides]``: score a folder laid out like a challenge submission.
+
+    <images_dir>/00/Dolphin.png
+    <images_dir>/00/Bread.png
+    <images_dir>/01/...
+
+Each ``NN/`` folder is scored against the reference images of style ``NN`` under ``data.root`` (the
+object of an image is its file stem, as the challenge's checker reads it), with the same metrics, models
+and averaging as the score stage of a run. Overrides are the usual Hydra ones, e.g.::
+
+    python -m jdiff.score results/ data.root=/data/styles score.device=cuda
+    python -m jdiff.score results/ score=hist
+
+Prints a table (one row per style, then the mean and the final score) and the time scoring took, and
+writes it all as JSON to ``<images_dir>/scores.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from jdiff.data import IMAGE_SUFFIXES, StyleDataError, load_rgb, load_style
+from jdiff.files import write_json
+from jdiff.scoring.final import METRICS, final_score
+from jdiff.scoring.scorer import ScoreResult, Scorer, StyleImages
+from jdiff.validate import ConfigError, validate_config
+
+log = logging.getLogger("jdiff.score")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str]):
+    """The jdiff config with ``overrides``, paths resolved against the working directory."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from jdiff.config import register_configs
+    from jdiff.pipeline import resolve_paths
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    return resolve_paths(cfg)
+
+
+def read_submission(images_dir: Path, data_root: Path) -> list[StyleImages]:
+    """The styles of a challenge-layout folder, each with its generated images and its references."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise StyleDataError(f"{images_dir} is not a folder. Give the folder that holds NN/<Object>.png.")
+    styles = []
+    for folder in sorted(p for p in images_dir.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            continue
+        style = load_style(data_root, folder.name)
+        generated = [(p.stem, load_rgb(p)) for p in files]
+        missing = sorted(set(style.prompt_objects) - {p.stem for p in files})
+        if missing:
+            log.warning("style %s: no image for %s (listed in %s)", folder.name, ", ".join(missing),
+                        style.folder / "prompt.json")
+        styles.append(StyleImages(style.style_id, generated, style.images()))
+    if not styles:
+        raise StyleDataError(f"{images_dir} holds no style folders with images. Expected NN/<Object>.png, "
+                             f"e.g. {images_dir / '00' / 'Dolphin.png'}.")
+    return styles
+
+
+def format_table(result: ScoreResult, counts: dict[str, int]) -> str:
+    """A plain-text table: one row per style, the mean (FID pooled) and the final score."""
+    metrics = [m for m in METRICS if m in result.metrics or any(m in v for v in result.per_style.values())]
+    header = f"{'style':<8}{'images':>7}" + "".join(f"{m:>10}" for m in metrics)
+    lines = [header, "-" * len(header)]
+
+    def cells(values: dict[str, float]) -> str:
+        return "".join(f"{values[m]:>10.4f}" if m in values else f"{'-':>10}" for m in metrics)
+
+    for style, values in result.per_style.items():
+        lines.append(f"{style:<8}{counts[style]:>7}" + cells(values))
+    lines.append("-" * len(header))
+    lines.append(f"{'all':<8}{sum(counts.values()):>7}" + cells(result.metrics))
+    final = final_score(result.metrics)
+    note = f"  (partial: missing {', '.join(final.missing)})" if final.partial else ""
+    lines.append(f"\nfinal score {final.value + 0.0:.4f} = style {final.style:.4f} x (text {final.text:.4f} "
+                 f"+ quality {final.quality:.4f}){note}")
+    for metric, why in result.skipped.items():
+        lines.append(f"  skipped {metric}: {why}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jdiff.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images_dir", type=Path, help="folder holding NN/<Object>.png")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.root=... score.device=cuda")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default: <images_dir>/scores.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = compose(args.overrides)
+        validate_config(cfg)
+        styles = read_submission(args.images_dir, Path(cfg.data.root))
+        result = Scorer(cfg.score, Path(cfg.paths.cache)).score(styles)
+    except (ConfigError, StyleDataError, HydraException, OmegaConfBaseException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counts = {s.style_id: len(s.generated) for s in styles}
+    print(format_table(result, counts))
+    n_images = sum(counts.values())
+    print(f"\nscored {n_images} images of {len(styles)} styles in {result.seconds:.1f} s")
+    out = args.out or args.images_dir / "scores.json"
+    write_json(out, {
+        "images_dir": str(args.images_dir.resolve()),
+        "data_root": str(cfg.data.root),
+        "metrics": result.metrics,
+        "final": final_score(result.metrics).to_dict(),
+        "skipped": result.skipped,
+        "per_style": {s: {"images": counts[s], **v} for s, v in result.per_style.items()},
+        "seconds": round(result.seconds, 3),
+    })
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
