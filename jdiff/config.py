@@ -44,6 +44,9 @@ class EngineConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     mixed_precision: str = "no"  # no, bf16, fp16 (LoRA weights stay fp32)
     allow_pickle: bool = False  # load .bin (pickle) weights when no .safetensors exist
+    # CPU threads for the tensor work; null: every core this process may use. CPU results depend on it
+    # (reductions split differently), so it is part of a run's numerical config.
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -138,10 +141,23 @@ class DataConfig:
 
 
 @dataclass
+class SweepConfig:
+    # The sweep folder under multirun/; a named sweep run again skips its finished runs.
+    name: str = "${now:%Y-%m-%d}/${now:%H-%M-%S}"
+
+
+@dataclass
 class JdiffConfig:
     style: str = MISSING
     seed: int = 42
     stages: List[str] = field(default_factory=lambda: list(STAGES))
+    # Repeatable GPU results where the framework allows it, at some cost in speed.
+    deterministic: bool = False
+    # Sweeps (-m): the GPUs to fill, one job per GPU at a time (null: every GPU this machine shows,
+    # [] for none), and how many jobs run at once (null: one per GPU, or 1 without GPUs).
+    gpus: Optional[List[str]] = None
+    n_jobs: Optional[int] = None
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

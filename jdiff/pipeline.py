@@ -10,6 +10,7 @@ The run directory ends up holding everything needed to understand and reproduce 
     contact_sheet.png   references and generated images, labelled
     run.log             the log
     COMPLETE            written last: the run finished
+    FAILED              instead, in a sweep: {"error": ..., "type": ...} of the run that failed
 """
 
 from __future__ import annotations
@@ -23,23 +24,26 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from jdiff.contact_sheet import contact_sheet
-from jdiff.data import image_file_name, load_rgb, load_style
+from jdiff.data import StyleDataError, image_file_name, load_rgb, load_style
 from jdiff.demo_data import write_demo_styles
-from jdiff.engines.base import Engine, LoraSpec, create_engine
+from jdiff.engines.base import Engine, EngineError, LoraSpec, create_engine
 from jdiff.files import save_png, write_json, write_text
 from jdiff.generate import generate_images
-from jdiff.models import resolve_model_dir
+from jdiff.models import ModelNotFoundError, resolve_model_dir
 from jdiff.prior import ClassImage, ClassImageSettings, class_cache_dir, class_images, load_class_images
 from jdiff.schedule import NoiseSchedule
 from jdiff.scoring import final_score
 from jdiff.scoring.scorer import Scorer, StyleImages
 from jdiff.train import train_lora
-from jdiff.validate import validate_config
+from jdiff.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+FAILED = "FAILED"
 LORA_FILE = "lora.safetensors"
+# Errors in what the user asked for (config, data, weights, engine): reported by their message alone.
+USER_ERRORS = (ConfigError, StyleDataError, ModelNotFoundError, EngineError)
 
 
 def resolve_paths(cfg: DictConfig) -> DictConfig:
@@ -81,7 +85,8 @@ class Run:
             e = self.cfg.engine
             log.info("loading %s with engine=%s", self.model_dir, e.name)
             self._engine = create_engine(e.name, self.model_dir, device=e.device, mixed_precision=e.mixed_precision,
-                                         prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle)
+                                         prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle,
+                                         threads=e.threads, deterministic=self.cfg.deterministic)
         return self._engine
 
     # -- stages -------------------------------------------------------------------------------------------

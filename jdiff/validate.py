@@ -129,6 +129,14 @@ def validate_config(cfg: DictConfig) -> None:
         device,
         "use auto, cpu, cuda or cuda:N",
     )
+    _check(engine.threads is None or engine.threads >= 1, "engine.threads", engine.threads,
+           "a thread count >= 1, or null for every core")
+
+    _check(cfg.n_jobs is None or cfg.n_jobs >= 1, "n_jobs", cfg.n_jobs, "run at least 1 job at a time, or null")
+    if cfg.gpus is not None:
+        gpus = list(cfg.gpus)
+        _check(all(str(g).strip() for g in gpus) and len(set(gpus)) == len(gpus), "gpus", gpus,
+               "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
     if cfg.model.prediction_type is not None:
         _one_of("model.prediction_type", cfg.model.prediction_type, PREDICTION_TYPES)
     _check(cfg.model.builder in (None, "tiny"), "model.builder", cfg.model.builder, "null or tiny")

@@ -106,11 +106,17 @@ class Engine(abc.ABC):
 
 
 def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
-                  prediction_type: Optional[str] = None, allow_pickle: bool = False) -> Engine:
-    """Import the engine only when asked: the core never imports a deep-learning framework itself."""
+                  prediction_type: Optional[str] = None, allow_pickle: bool = False,
+                  threads: Optional[int] = None, deterministic: bool = False) -> Engine:
+    """Import the engine only when asked: the core never imports a deep-learning framework itself.
+
+    ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
+    results where the framework has deterministic kernels, at some cost in speed.
+    """
     if name == "torch":
         from jdiff.engines.torch.engine import TorchEngine
 
         return TorchEngine(model_dir, device=device, mixed_precision=mixed_precision,
-                           prediction_type=prediction_type, allow_pickle=allow_pickle)
+                           prediction_type=prediction_type, allow_pickle=allow_pickle,
+                           threads=threads, deterministic=deterministic)
     raise EngineError(f"engine.name={name!r} is not available; use engine=torch.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,24 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def configure_torch(threads: Optional[int], deterministic: bool) -> None:
+    """Process-wide settings that decide whether two runs give the same numbers.
+
+    CPU results depend on the thread count (reductions are split per thread), so it is set explicitly
+    rather than left to whatever OMP_NUM_THREADS a launcher put in the environment. ``deterministic``
+    picks deterministic CUDA kernels where they exist (ops without one warn), disables cuDNN's
+    benchmark-based algorithm choice, and gives cuBLAS a fixed workspace (read when its first handle is
+    made, so before any model moves to the GPU).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads or cores or 1)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(what: str):
     try:
@@ -52,7 +71,9 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
-                 prediction_type: Optional[str] = None, allow_pickle: bool = False):
+                 prediction_type: Optional[str] = None, allow_pickle: bool = False,
+                 threads: Optional[int] = None, deterministic: bool = False):
+        configure_torch(threads, deterministic)
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
         self.dtype = DTYPES[mixed_precision]

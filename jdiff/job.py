@@ -1,0 +1,93 @@
+"""``python -m jdiff.job RUN_DIR``: the stages of one sweep run, in a process of their own.
+
+A sweep job (:mod:`jdiff.sweep`) writes the run's resolved config to ``RUN_DIR/config.yaml`` and starts
+this module with only its GPU visible. It logs into ``RUN_DIR/run.log`` (after the sweep job's own lines)
+and to the console, and ends with exit code 0 (COMPLETE written), 1 (FAILED written: the error and its
+type) or 130 (interrupted by Ctrl-C or SIGTERM: neither marker, the run is simply unfinished). It also
+stops by itself when the sweep job that started it dies, so that it never holds a GPU nobody has locked.
+Run it by hand to redo one run of a sweep in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from jdiff.config import JdiffConfig
+from jdiff.files import write_json
+from jdiff.pipeline import FAILED, USER_ERRORS, run
+from jdiff.sweep import CONFIG_FILE, INTERRUPTED
+
+log = logging.getLogger("jdiff")
+ORPHANED = 3  # exit code when the parent sweep job went away
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jdiff.job", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a sweep run directory holding config.yaml")
+    parser.add_argument("--label", default="job", help="a short name for the console, e.g. the job number")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir
+    configure_logging(run_dir / "run.log", args.label)
+    stop_when_orphaned()
+    signal.signal(signal.SIGTERM, _interrupt)
+    log.info("run process %d on %s, CUDA_VISIBLE_DEVICES=%r", os.getpid(), socket.gethostname(),
+             os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:
+        run(load_config(run_dir), run_dir)
+    except KeyboardInterrupt:
+        log.warning("interrupted: %s is unfinished", run_dir)
+        return INTERRUPTED
+    except Exception as err:  # the run's failure is recorded and ends this process only, not the sweep
+        if isinstance(err, USER_ERRORS):
+            log.error("%s", err)
+        else:
+            log.exception("the run failed")
+        write_json(run_dir / FAILED, {"error": str(err), "type": type(err).__name__})
+        return 1
+    return 0
+
+
+def load_config(run_dir: Path) -> DictConfig:
+    """The run's resolved config, typed by the schema again (YAML alone would lose the types)."""
+    return OmegaConf.merge(OmegaConf.structured(JdiffConfig), OmegaConf.load(run_dir / CONFIG_FILE))
+
+
+def configure_logging(log_file: Path, label: str) -> None:
+    file_handler = logging.FileHandler(log_file, mode="a")  # appends to the sweep job's lines
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"[%(asctime)s][{label}][%(levelname)s] - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[file_handler, console], force=True)
+
+
+def stop_when_orphaned(poll_seconds: float = 1.0) -> None:
+    """Exit when the parent goes away: its GPU lock went with it, so another job may take the GPU."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        log.error("the sweep job that started this run is gone; stopping")
+        logging.shutdown()
+        os._exit(ORPHANED)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _interrupt(signum, frame) -> None:
+    # SIGTERM unwinds like Ctrl-C, so that temporary files are removed on the way out.
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""One run of a ``-m`` sweep: resumable, on a GPU of its own, in a fresh process, failing alone.
+
+Hydra's launcher (joblib on one machine, submitit on a cluster) calls :func:`run_sweep_job` for each run
+of a sweep. The job
+
+- skips the run when its directory already holds COMPLETE, so a named sweep launched again resumes;
+- takes a free GPU by holding a file lock (``<cache>/locks/<host>.gpu<N>.lock``), waiting while all are
+  busy, so that two jobs never share a GPU, also across sweeps that share the cache;
+- runs the stages in a child process (``python -m jdiff.job RUN_DIR``, see :mod:`jdiff.job`) that sees
+  only that GPU: CUDA state, memory and random state never leak from one run into the next, and a crash
+  frees the GPU;
+- when the run fails, leaves FAILED (``{"error": ..., "type": ...}``) in the run directory and returns
+  None, so the sweep goes on (Optuna records a failed trial).
+
+Run directories are named by the job's overrides (``lora.unet_rank=4,style=00``) rather than by job
+number, so a grid that grew or shrank between launches still finds its finished runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+import jdiff
+from jdiff.files import write_json, write_text
+from jdiff.pipeline import COMPLETE, FAILED, resolve_paths
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+JOB_FILE = "job.json"
+INTERRUPTED = 130  # the child's exit code after Ctrl-C or SIGTERM: the run is unfinished, not failed
+POLL_SECONDS = 1.0  # how often a job waiting for a GPU looks again
+STOP_SECONDS = 10.0  # how long a stopped job's child gets to clean up before it is killed
+# Keys that say where and how many runs go at once, not what a run computes.
+PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep")
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/config.yaml uses for the launcher's job count and the run directory names."""
+    OmegaConf.register_new_resolver("jdiff.n_jobs", parallel_jobs, replace=True)
+    OmegaConf.register_new_resolver("jdiff.run_dir_name", run_dir_name, replace=True)
+
+
+def detect_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list, else none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = []
+        for gpu in (g.strip() for g in visible.split(",")):
+            if not gpu or gpu.startswith("-"):  # CUDA ignores every id from an invalid one on
+                break
+            gpus.append(gpu)
+        return gpus
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+def sweep_gpus(gpus) -> list[str]:
+    """The config's ``gpus`` as a list of ids: null detects them, ``[]`` means none."""
+    return detect_gpus() if gpus is None else [str(g) for g in gpus]
+
+
+def parallel_jobs(n_jobs, gpus) -> int:
+    """How many jobs the launcher runs at once: ``n_jobs`` when set, else one per GPU (1 without GPUs)."""
+    return int(n_jobs) if n_jobs is not None else max(1, len(sweep_gpus(gpus)))
+
+
+def run_dir_name(override_dirname: str) -> str:
+    """One path component naming a run by its overrides: readable, and the same for the same overrides.
+
+    Characters a file name should not hold become ``_``; a name so changed, or cut to length, gets a
+    hash of the exact overrides so that two runs never share a directory.
+    """
+    if not override_dirname:
+        return "defaults"
+    name = re.sub(r"[^A-Za-z0-9_.,=+\-\[\]]", "_", override_dirname)
+    if name != override_dirname or len(name) > 150:
+        name = f"{name[:150]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
+    return name
+
+
+def gpu_lock_file(lock_dir: Path, gpu: str) -> Path:
+    # One lock per GPU of this host (a shared cache serves many hosts) and per SLURM allocation (SLURM
+    # numbers each allocation's GPUs from 0).
+    scope = socket.gethostname()
+    if "SLURM_JOB_ID" in os.environ:
+        scope += f".slurm{os.environ['SLURM_JOB_ID']}"
+    return Path(lock_dir) / f"{scope}.gpu{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock"
+
+
+@contextlib.contextmanager
+def hold_gpu(lock_dir: Path, gpus: list[str]) -> Iterator[Optional[str]]:
+    """Hold the lock of a free GPU among ``gpus`` for the block (None when there are none to hold)."""
+    if not gpus:
+        yield None
+        return
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while True:
+        for gpu in gpus:
+            lock = FileLock(str(gpu_lock_file(lock_dir, gpu)))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                yield gpu
+            finally:
+                lock.release()
+            return
+        if not waiting:
+            log.info("every GPU (%s) is busy; waiting for one", ", ".join(gpus))
+            waiting = True
+        time.sleep(POLL_SECONDS)
+
+
+def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
+    """Run one sweep run in ``run_dir``; returns its final score, or None when it failed or did not run."""
+    run_dir = Path(run_dir)
+    resolve_paths(cfg)
+    run_lock = FileLock(str(run_dir / ".lock"))
+    try:
+        run_lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("[%s] %s is being run by another process; skipped here", label, run_dir)
+        return None
+    try:
+        finished = read_json(run_dir / COMPLETE)
+        if finished is not None:
+            changed = changed_keys(cfg, run_dir)
+            if changed:
+                log.warning("[%s] %s finished with other values of %s; kept as it is (use a new sweep.name to "
+                            "run it again)", label, run_dir, ", ".join(changed))
+            log.info("[%s] skipped, finished earlier: %s", label, run_dir)
+            return finished.get("final_score")
+        (run_dir / FAILED).unlink(missing_ok=True)
+        return run_in_child(cfg, run_dir, label)
+    finally:
+        run_lock.release()
+
+
+def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
+    device = str(cfg.engine.device)
+    if device.startswith("cuda:") and device != "cuda:0":
+        record_failure(run_dir, label, "ConfigError", (
+            f"engine.device={device} cannot work in a sweep: each job sees only its own GPU, as cuda:0. "
+            "Choose the GPUs with gpus=[...] and leave engine.device=auto."))
+        return None
+    gpus = [] if device == "cpu" else sweep_gpus(cfg.gpus)
+    write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    with hold_gpu(Path(cfg.paths.cache) / "locks", gpus) as gpu:
+        code = run_child(run_dir, gpu, label)
+    if code == 0:
+        return read_json(run_dir / COMPLETE).get("final_score")
+    if code == INTERRUPTED:
+        log.warning("[%s] interrupted; %s is unfinished and runs again when the sweep is launched again",
+                    label, run_dir)
+        return None
+    failure = read_json(run_dir / FAILED)
+    if failure is None:  # the child died before it could say why (killed, out of memory, segfault)
+        record_failure(run_dir, label, "ProcessExit", f"the run's process exited with code {code}")
+        return None
+    log.error("[%s] FAILED (%s: %s); see %s", label, failure["type"], failure["error"], run_dir / "run.log")
+    return None
+
+
+def run_child(run_dir: Path, gpu: Optional[str], label: str) -> int:
+    """Run the stages in ``python -m jdiff.job RUN_DIR``, seeing only ``gpu``; returns its exit code."""
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # number the GPUs the way nvidia-smi does
+    source_root = str(Path(jdiff.__file__).resolve().parents[1])  # the child runs this very jdiff
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    host = socket.gethostname()
+    started = time.time()
+    child = subprocess.Popen([sys.executable, "-m", "jdiff.job", str(run_dir), "--label", label], env=env)
+    job = {"host": host, "gpu": gpu, "pid": child.pid, "started": started}
+    write_json(run_dir / JOB_FILE, job)
+    log.info("[%s] started on %s, %s (pid %d): %s", label, host, f"GPU {gpu}" if gpu else "CPU", child.pid, run_dir)
+    try:
+        code = child.wait()
+    finally:
+        stop(child)
+    finished = time.time()
+    write_json(run_dir / JOB_FILE, {**job, "finished": finished, "seconds": round(finished - started, 3),
+                                    "exit_code": code})
+    if code == 0:
+        log.info("[%s] finished in %.1f s: %s", label, finished - started, run_dir)
+    return code
+
+
+def stop(child: subprocess.Popen) -> None:
+    """End a child that is still running (the job was interrupted): SIGTERM, then SIGKILL if it lingers."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def record_failure(run_dir: Path, label: str, kind: str, error: str) -> None:
+    write_json(run_dir / FAILED, {"error": error, "type": kind})
+    log.error("[%s] FAILED (%s: %s): %s", label, kind, error, run_dir)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def changed_keys(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Keys whose value differs between ``cfg`` and the config a finished run in ``run_dir`` recorded."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return []
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(path)))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return sorted(k for k in old.keys() | new.keys()
+                  if old.get(k) != new.get(k) and k.split(".")[0] not in PLACEMENT_KEYS)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
