@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 import jdiff
 from jdiff.files import write_json, write_text
 from jdiff.pipeline import COMPLETE, FAILED, resolve_paths
+from jdiff.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
             log.info("[%s] skipped, finished earlier: %s", label, run_dir)
             return finished.get("final_score")
         (run_dir / FAILED).unlink(missing_ok=True)
-        return run_in_child(cfg, run_dir, label)
+        try:
+            return run_in_child(cfg, run_dir, label)
+        except Exception as err:  # whatever goes wrong stays in this run: the sweep and its report go on
+            record_failure(run_dir, label, type(err).__name__, str(err))
+            return None
     finally:
         run_lock.release()
 
@@ -160,10 +165,8 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
 def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
     device = str(cfg.engine.device)
     if device.startswith("cuda:") and device != "cuda:0":
-        record_failure(run_dir, label, "ConfigError", (
-            f"engine.device={device} cannot work in a sweep: each job sees only its own GPU, as cuda:0. "
-            "Choose the GPUs with gpus=[...] and leave engine.device=auto."))
-        return None
+        raise ConfigError(f"engine.device={device} cannot work in a sweep: each job sees only its own GPU, as "
+                          "cuda:0. Choose the GPUs with gpus=[...] and leave engine.device=auto.")
     gpus = [] if device == "cpu" else sweep_gpus(cfg.gpus)
     write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     with hold_gpu(Path(cfg.paths.cache) / "locks", gpus) as gpu:

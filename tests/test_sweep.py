@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from conftest import compose_config
 from jdiff.pipeline import COMPLETE, FAILED, LORA_FILE, Run
-from jdiff.sweep import JOB_FILE, detect_gpus, gpu_lock_file, hold_gpu, parallel_jobs, run_dir_name
+from jdiff.sweep import JOB_FILE, detect_gpus, gpu_lock_file, hold_gpu, parallel_jobs, run_dir_name, run_sweep_job
 from jdiff.validate import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,6 +278,13 @@ def test_a_job_takes_a_gpu_nobody_holds(tmp_path):
             assert {first, second} == {"0", "1"}
     with hold_gpu(tmp_path, []) as none:
         assert none is None
+
+
+def test_a_device_no_sweep_job_can_have_fails_that_run_alone(jdiff_root, tmp_path):
+    cfg = compose_config(["experiment=demo", "engine.device=cuda:1"], jdiff_root)
+    assert run_sweep_job(cfg, tmp_path, label="#0") is None
+    failure = read(tmp_path / FAILED)
+    assert failure["type"] == "ConfigError" and "engine.device=cuda:1" in failure["error"]
 
 
 @pytest.mark.parametrize("override, key", [("n_jobs=0", "n_jobs"), ("gpus=[0,0]", "gpus"),
