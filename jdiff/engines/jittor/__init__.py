@@ -1,0 +1,13 @@
+"""The Jittor engine: Stable Diffusion's UNet, VAE and CLIP text encoder as native Jittor modules.
+
+They load the same diffusers-format folders as the torch engine, by parameter name. One file per part:
+
+    env.py           import_jittor(): Jittor's environment (no downloads, CPU mode without a GPU driver)
+    weights.py       load_weights(): <model>/<component>/*.safetensors into a module, names and shapes checked
+    blocks.py        ResnetBlock2D, Downsample2D, Upsample2D, attention(): shared by the UNet and the VAE
+    vae.py           AutoencoderKL
+    text_encoder.py  CLIPTextModel (SD 1.x and 2.x)
+    sampler.py       DDIM in numpy, matching diffusers' DDIMScheduler
+
+Importing this package does not import Jittor; ``env.import_jittor`` does, on first use.
+"""
