@@ -41,14 +41,14 @@ NO_DOWNLOAD_SETTINGS = {
     "use_mpi": "0",
     "FIX_TORCH_ERROR": "0",
 }
+DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while the NVIDIA driver is loaded
 
 
 def gpu_driver_present() -> bool:
     """Whether a CUDA GPU can run code here (see the module docstring for the rule)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if gpus.is_dir() and any(gpus.iterdir()):
+    if DRIVER_GPUS.is_dir() and any(DRIVER_GPUS.iterdir()):
         return True
     if shutil.which("nvidia-smi") is None:
         return False
