@@ -1,4 +1,4 @@
-"""The CLIP text encoder of Stable Diffusion (transformers' ``CLIPTextModel``) in Jittor, from ``<model>/text_encoder/``.
+"""Stable Diffusion's CLIP text encoder (transformers' ``CLIPTextModel``) in Jittor, from ``<model>/text_encoder/``.
 
 API:
     encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", allow_pickle=False)

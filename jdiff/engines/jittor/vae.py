@@ -224,4 +224,5 @@ def check_supported(c: dict) -> None:
         ("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D"), ("act_fn", "silu"),
     ) if any(v != allowed for v in ([c[key]] if isinstance(c[key], str) else c[key]))]
     if wrong:
-        raise EngineError(f"the Jittor VAE builds Stable Diffusion's AutoencoderKL; this config has {', '.join(wrong)}.")
+        raise EngineError(f"the Jittor VAE builds Stable Diffusion's AutoencoderKL; this config has "
+                          f"{', '.join(wrong)}.")

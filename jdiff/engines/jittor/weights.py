@@ -38,7 +38,8 @@ def read_config(folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as err:
-        raise EngineError(f"{path} is missing: {Path(folder).parent} is not a complete diffusers model folder.") from err
+        raise EngineError(f"{path} is missing: {Path(folder).parent} is not a complete diffusers model "
+                          f"folder.") from err
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
