@@ -22,7 +22,7 @@ from jdiff.engines.jittor.env import import_jittor
 
 jt = import_jittor("cpu")
 
-from jdiff.engines.jittor.blocks import GroupNorm, LayerNorm, ResnetBlock2D  # noqa: E402
+from jdiff.engines.jittor.blocks import GroupNorm, LayerNorm, ResnetBlock2D, nearest  # noqa: E402
 from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.vae import AutoencoderKL  # noqa: E402
@@ -134,6 +134,14 @@ def test_norms_stay_accurate_when_the_mean_dwarfs_the_spread():
     group_norm = GroupNorm(4, 8, eps=1e-6)(jt.array(x))
     assert max_diff(group_norm, torch.nn.GroupNorm(4, 8, eps=1e-6)(torch.from_numpy(x))) <= TOLERANCE
     assert max_diff(LayerNorm(6)(jt.array(x)), torch.nn.LayerNorm(6)(torch.from_numpy(x))) <= TOLERANCE
+
+
+@pytest.mark.parametrize("size, output_size", [((4, 6), (8, 12)), ((5, 3), (10, 7)), ((5, 3), (9, 6))])
+def test_nearest_upsampling_picks_the_pixels_torch_picks(size, output_size):
+    """2x, and the odd sizes the UNet asks for when its input is not a multiple of its downsampling."""
+    x = np.random.default_rng(5).standard_normal((1, 2, *size)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=output_size, mode="nearest")
+    assert np.array_equal(nearest(jt.array(x), output_size).numpy(), expected.numpy())
 
 
 # -- the samplers against diffusers' DDIMScheduler and PNDMScheduler -------------------------------------
@@ -359,3 +367,13 @@ def test_numpy_2_is_refused_before_jittor_loads(monkeypatch):
     monkeypatch.delitem(sys.modules, "jittor")  # as in a fresh process; monkeypatch puts it back
     with pytest.raises(EngineError, match="numpy 2.1.0.*numpy < 2"):
         import_jittor("cpu")
+
+
+def test_device_names_jittor_cannot_honour_are_refused():
+    with pytest.raises(EngineError, match="CUDA_VISIBLE_DEVICES"):
+        import_jittor("cuda:1")
+    if not jt.has_cuda:
+        with pytest.raises(EngineError, match="no CUDA here.*engine.device=cpu"):
+            env.use_device(jt, "cuda")
+    env.use_device(jt, "cpu")
+    assert env.jittor_device(jt) == "cpu"

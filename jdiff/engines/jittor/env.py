@@ -1,7 +1,8 @@
 """Importing Jittor with its environment set by the project, so users never have to.
 
 API:
-    import_jittor(device="auto") -> the ``jittor`` module, on the asked device
+    import_jittor(device="auto") -> the ``jittor`` module, on the asked device ("auto", "cpu", "cuda")
+    use_device(jt, device)  -> move an imported Jittor to another device
     jittor_device(jt) -> "cuda" or "cpu": where Jittor runs now (``jt.flags.use_cuda``)
     gpu_driver_present() -> the CPU/GPU rule below
 
@@ -83,9 +84,8 @@ def prepare_environment(device: str = "auto") -> None:
 
 
 def import_jittor(device: str = "auto"):
-    """Import Jittor with the project's environment and put it on ``device`` ("auto", "cpu" or "cuda")."""
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise EngineError(f"engine.device={device!r}: the Jittor engine runs on auto, cpu or cuda.")
+    """Import Jittor with the project's environment and put it on ``device`` ("auto", "cpu", "cuda")."""
+    check_device(device)  # before a first import that may compile for minutes
     if "jittor" not in sys.modules:
         check_numpy()
         prepare_environment(device)
@@ -117,7 +117,14 @@ def check_numpy() -> None:
         )
 
 
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda", "cuda:0"):
+        raise EngineError(f"engine.device={device!r}: the Jittor engine runs on auto, cpu or cuda (Jittor uses the "
+                          f"first visible GPU: choose it with CUDA_VISIBLE_DEVICES).")
+
+
 def use_device(jt, device: str) -> None:
+    check_device(device)
     if device.startswith("cuda"):
         if not jt.has_cuda:
             raise EngineError(
