@@ -52,7 +52,8 @@ def betas_to_alphas_cumprod(config: dict) -> np.ndarray:
         betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
     else:
         raise ValueError(f"beta_schedule={kind!r} in the model's scheduler config is not supported")
-    return np.cumprod(1.0 - betas, dtype=np.float32)
+    # torch (so diffusers) accumulates a float32 cumprod in float64 on the CPU; doing the same matches it exactly
+    return np.cumprod(1.0 - betas, dtype=np.float64).astype(np.float32)
 
 
 def learning_rate(step: int, base_lr: float, total_steps: int, schedule: str = "constant", warmup: int = 0) -> float:

@@ -122,6 +122,8 @@ def validate_config(cfg: DictConfig) -> None:
     engine = cfg.engine
     _one_of("engine.name", engine.name, ENGINES)
     _one_of("engine.mixed_precision", engine.mixed_precision, MIXED_PRECISION)
+    _check(engine.name != "jittor" or engine.mixed_precision == "no", "engine.mixed_precision",
+           engine.mixed_precision, "the Jittor engine runs in float32 for now: use no, or engine=torch")
     device = str(engine.device)
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

@@ -119,4 +119,9 @@ def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_pre
         return TorchEngine(model_dir, device=device, mixed_precision=mixed_precision,
                            prediction_type=prediction_type, allow_pickle=allow_pickle,
                            threads=threads, deterministic=deterministic)
-    raise EngineError(f"engine.name={name!r} is not available; use engine=torch.")
+    if name == "jittor":  # Jittor's CPU kernels take no thread or determinism settings from jdiff yet
+        from jdiff.engines.jittor.engine import JittorEngine
+
+        return JittorEngine(model_dir, device=device, mixed_precision=mixed_precision,
+                            prediction_type=prediction_type, allow_pickle=allow_pickle)
+    raise EngineError(f"engine.name={name!r} is not available; use engine=jittor or engine=torch.")

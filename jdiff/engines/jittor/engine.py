@@ -1,0 +1,194 @@
+"""The Jittor engine: jdiff's native Stable Diffusion (UNet, VAE, CLIP text encoder, DDIM) in Jittor.
+
+It loads the same diffusers-format folder as the torch engine, by parameter name, and does the same
+arithmetic in the same order, so the two engines given the same weights and random numbers agree within
+float tolerance (tests/test_jittor_engine.py). Random numbers never come from Jittor: the core passes every
+noise array in. LoRA files are the torch engine's (and diffusers') format, in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from jdiff.engines.base import Engine, EngineError, GenerateRequest, LoraSpec, OptimizerSettings, TrainBatch
+from jdiff.engines.jittor.env import import_jittor, use_device
+
+jt = import_jittor()  # before the modules below import Jittor: they find its environment set
+
+from jdiff.engines.jittor.lora import LoraLinear, adapter_of, attach_lora, lora_layers  # noqa: E402
+from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
+from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
+from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
+from jdiff.engines.jittor.vae import AutoencoderKL  # noqa: E402
+from jdiff.lora_file import initial_down_weights, load_adapters, save_adapters  # noqa: E402
+from jdiff.schedule import read_scheduler_config  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class JittorEngine(Engine):
+    name = "jittor"
+
+    def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
+                 prediction_type: Optional[str] = None, allow_pickle: bool = False):
+        if mixed_precision != "no":
+            raise EngineError(f"engine.mixed_precision={mixed_precision}: the Jittor engine runs in float32 only for "
+                              "now; use engine.mixed_precision=no, or engine=torch for bf16/fp16.")
+        use_device(jt, device)
+        self.model_dir = Path(model_dir)
+        self.scheduler_config = read_scheduler_config(self.model_dir)
+        self._prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
+        from transformers import CLIPTokenizer
+
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer")
+        except (OSError, EnvironmentError) as err:
+            raise EngineError(f"cannot load the tokenizer from {self.model_dir / 'tokenizer'}: {err}") from err
+        self.text_encoder = CLIPTextModel.from_pretrained(self.model_dir / "text_encoder", allow_pickle)
+        self.vae = AutoencoderKL.from_pretrained(self.model_dir / "vae", allow_pickle)
+        self.unet = UNet2DConditionModel.from_pretrained(self.model_dir / "unet", allow_pickle)
+        self.optimizer: Optional[jt.optim.AdamW] = None
+        self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
+
+    # -- shapes and settings ------------------------------------------------------------------------------
+
+    @property
+    def prediction_type(self) -> str:
+        return self._prediction_type
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = self.vae.downsampling_factor
+        return (self.vae.latent_channels, resolution // factor, resolution // factor)
+
+    # -- LoRA --------------------------------------------------------------------------------------------
+
+    def _models(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
+        layers = attach_lora(self._models()[prefix], targets, rank, alpha)
+        if not layers:
+            raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
+        return layers
+
+    def add_lora(self, spec: LoraSpec) -> None:
+        plan = {"unet": (spec.unet_targets, spec.unet_rank, spec.unet_alpha)}
+        if spec.text_encoder_rank > 0:
+            plan["text_encoder"] = (spec.text_encoder_targets, spec.text_encoder_rank, spec.text_encoder_alpha)
+        for prefix, (targets, rank, alpha) in plan.items():
+            for name, layer in self._attach(prefix, targets, rank, alpha).items():
+                down = initial_down_weights(name, rank, layer.in_features, spec.seed)
+                layer.set_weights(down, np.zeros((layer.base_layer.out_features, rank), np.float32))
+            self.lora_settings[prefix] = (rank, float(alpha))
+
+    def load_lora(self, path: Path) -> None:
+        try:
+            stored = load_adapters(path)
+        except ValueError as err:
+            raise EngineError(str(err)) from err
+        for prefix, adapter in stored.items():
+            layers = self._attach(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
+            missing = sorted(set(adapter.layers) - set(layers))
+            if missing:
+                raise EngineError(f"{path}: the {prefix} has no layer {missing[0]}; was it trained on another model?")
+            for name, (down, up) in adapter.layers.items():
+                layers[name].set_weights(down, up)
+            self.lora_settings[prefix] = (adapter.rank, adapter.alpha)
+
+    def save_lora(self, path: Path, extra_metadata: Optional[dict] = None) -> None:
+        adapters = {prefix: adapter_of(lora_layers(self._models()[prefix]), rank, alpha)
+                    for prefix, (rank, alpha) in self.lora_settings.items()}
+        save_adapters(path, adapters, extra_metadata)
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def setup_training(self, settings: OptimizerSettings) -> None:
+        """AdamW over the adapters only (torch's formula: decoupled weight decay, bias correction, eps outside
+        the square root); the text encoder's adapters get ``text_encoder_lr_ratio`` times the learning rate."""
+        self.settings = settings
+        groups = []
+        for prefix, ratio in (("unet", 1.0), ("text_encoder", settings.text_encoder_lr_ratio)):
+            params = [p for layer in lora_layers(self._models()[prefix]).values()
+                      for p in (layer.lora_A.weight, layer.lora_B.weight)]
+            for p in params:
+                p.start_grad()
+            if params:
+                groups.append({"params": params, "lr": settings.lr * ratio, "lr_ratio": ratio})
+        if not groups:
+            raise EngineError("no LoRA adapters to train: call add_lora first")
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = jt.optim.AdamW(groups, lr=settings.lr, eps=settings.eps, betas=settings.betas,
+                                        weight_decay=settings.weight_decay)
+
+    def encode_prompts(self, prompts: list[str]) -> jt.Var:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="np").input_ids
+        return self.text_encoder(jt.array(ids.astype(np.int32)))
+
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> jt.Var:
+        """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
+        mean, std = self.vae.encode(jt.array(pixels))
+        return (mean + std * jt.array(posterior_noise) - self.vae.shift_factor) * self.vae.scaling_factor
+
+    def loss_terms(self, batch: TrainBatch) -> jt.Var:
+        """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
+        with jt.no_grad():
+            latents = self.encode_images(batch.pixels, batch.posterior_noise)
+        states = self.encode_prompts(batch.prompts)
+        noise = jt.array(batch.noise)
+        a = jt.array(batch.signal).reshape(-1, 1, 1, 1)
+        s = jt.array(batch.noise_level).reshape(-1, 1, 1, 1)
+        noisy = a * latents + s * noise
+        pred = self.unet(noisy, jt.array(batch.timesteps), states)
+        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
+        return ((pred - target) ** 2).mean(dims=(1, 2, 3))
+
+    def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_ratio"]
+        per_sample = self.loss_terms(batch)
+        loss = (per_sample * jt.array(batch.weights)).sum()
+        self.optimizer.backward(loss)
+        if self.settings.max_grad_norm > 0:
+            self.optimizer.clip_grad_norm(self.settings.max_grad_norm)
+        self.optimizer.step()
+        return per_sample.numpy()
+
+    # -- sampling -----------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerateRequest) -> list[np.ndarray]:
+        with jt.no_grad():
+            return self._generate(request)
+
+    def _generate(self, req: GenerateRequest) -> list[np.ndarray]:
+        n = len(req.prompts)
+        sampler = make_sampler(self.scheduler_config, req.sampler, self.prediction_type)
+        cond = self.encode_prompts(req.prompts)
+        if req.origin_prompts is not None and req.origin_scale > 0:
+            cond = cond + req.origin_scale * (self.encode_prompts(req.origin_prompts) - cond)
+        guided = req.guidance_scale > 1.0
+        states = jt.concat([self.encode_prompts([req.negative_prompt] * n), cond]) if guided else cond
+        noise = jt.array(req.noise)
+        if req.init_image is None:
+            timesteps = sampler.set_timesteps(req.steps)
+            latents = noise * sampler.init_noise_sigma
+        else:  # img2img (SDEdit): noise the encoded init image to the strength's timestep, denoise from there
+            timesteps = sampler.img2img_timesteps(req.steps, req.strength)
+            latents = self.encode_images(np.repeat(req.init_image[None], n, axis=0), req.init_posterior_noise)
+            latents = sampler.add_noise(latents, noise, timesteps[0])
+        for t in timesteps:
+            model_input = jt.concat([latents, latents]) if guided else latents
+            model_input = sampler.scale_model_input(model_input, t)
+            pred = self.unet(model_input, jt.array([int(t)]), states)
+            if guided:
+                uncond, text = pred[:n], pred[n:]
+                pred = uncond + req.guidance_scale * (text - uncond)
+            latents = sampler.step(pred, t, latents)
+            latents.sync()  # run each step as it comes, not as one graph over all steps
+        images = self.vae.decode(latents / self.vae.scaling_factor + self.vae.shift_factor)
+        images = (images * 0.5 + 0.5).clamp(0, 1).transpose(0, 2, 3, 1).numpy()
+        return [(im * 255).round().astype(np.uint8) for im in images]

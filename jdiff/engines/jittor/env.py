@@ -1,0 +1,142 @@
+"""Importing Jittor with its environment set by the project, so users never have to.
+
+API:
+    import_jittor(device="auto") -> the ``jittor`` module, on the asked device ("auto", "cpu", "cuda")
+    use_device(jt, device)  -> move an imported Jittor to another device
+    jittor_device(jt) -> "cuda" or "cpu": where Jittor runs now (``jt.flags.use_cuda``)
+    gpu_driver_present() -> the CPU/GPU rule below
+
+Jittor 1.3.11 reads its settings from environment variables once, at its first import, and out of the box
+it tries to download MKL, NCCL, cuTT, CUTLASS and a CUDA toolkit. Before the first import we set, only where
+the user has not set them already:
+
+- ``use_mkl=0 use_nccl=0 use_cutt=0 use_cutlass=0 use_mpi=0``: no optional libraries, so no downloads;
+- ``FIX_TORCH_ERROR=0``: Jittor must not try to repair a torch install it finds;
+- ``nvcc_path=""`` (CPU-only mode) when no GPU can run the code: ``device="cpu"`` was asked, or
+  ``gpu_driver_present()`` is false. The rule: a GPU is usable when ``CUDA_VISIBLE_DEVICES`` is not set to
+  "" or "-1", and the NVIDIA driver is loaded (``/proc/driver/nvidia/gpus`` lists a GPU) or ``nvidia-smi -L``
+  lists one. Without this, a machine that has nvcc but no driver (CI runners, containers) compiles Jittor's
+  CUDA parts and then fails at run time.
+
+Failures become ``EngineError`` with what to do: Jittor missing, numpy 2 (Jittor 1.3.11 segfaults with it),
+or a failed compile (naming the cache folder; the compiler's messages are what Jittor printed above).
+The first import compiles Jittor's core (minutes); later imports reuse the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from jdiff.engines.base import EngineError
+
+NO_DOWNLOAD_SETTINGS = {
+    "use_mkl": "0",
+    "use_nccl": "0",
+    "use_cutt": "0",
+    "use_cutlass": "0",
+    "use_mpi": "0",
+    "FIX_TORCH_ERROR": "0",
+}
+DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while the NVIDIA driver is loaded
+
+
+def gpu_driver_present() -> bool:
+    """Whether a CUDA GPU can run code here (see the module docstring for the rule)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if DRIVER_GPUS.is_dir() and any(DRIVER_GPUS.iterdir()):
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
+def jittor_cache_dir() -> str:
+    """Where Jittor keeps its compiled code: ``<home>/.cache/jittor/...``, where home is ``$JITTOR_HOME``, else
+    the last ``JITTOR_HOME`` any import saw (Jittor remembers it in ``~/.cache/jittor/config.json``), else
+    the user's home folder."""
+    utils = sys.modules.get("jittor_utils")
+    if utils is not None and getattr(utils, "cache_path", None):  # set once Jittor got that far
+        return str(utils.cache_path)
+    remembered = Path.home() / ".cache" / "jittor" / "config.json"
+    try:
+        home = json.loads(remembered.read_text()).get("JITTOR_HOME", str(Path.home()))
+    except (OSError, ValueError):
+        home = str(Path.home())
+    return str(Path(os.environ.get("JITTOR_HOME", home)) / ".cache" / "jittor")
+
+
+def prepare_environment(device: str = "auto") -> None:
+    """Set Jittor's environment variables (only those the user left unset). Has effect before the first import."""
+    for key, value in NO_DOWNLOAD_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    if device == "cpu" or not gpu_driver_present():
+        os.environ.setdefault("nvcc_path", "")
+
+
+def import_jittor(device: str = "auto"):
+    """Import Jittor with the project's environment and put it on ``device`` ("auto", "cpu", "cuda")."""
+    check_device(device)  # before a first import that may compile for minutes
+    if "jittor" not in sys.modules:
+        check_numpy()
+        prepare_environment(device)
+    try:
+        import jittor
+    except ImportError as err:
+        raise EngineError(
+            f"Jittor is not installed or cannot be imported ({err}). Install it with `pip install jittor==1.3.11.0` "
+            "(numpy < 2), or use engine=torch."
+        ) from err
+    except Exception as err:  # Jittor compiles itself at import; a broken compiler or toolkit fails here
+        raise EngineError(
+            f"Jittor failed to compile at import ({type(err).__name__}: {err}). The compiler's messages are "
+            f"printed above; the compiled code lives in {jittor_cache_dir()} (delete it to retry from scratch). "
+            "Jittor needs g++; for GPU use also a CUDA toolkit (nvcc) and driver; set nvcc_path=\"\" to force "
+            "CPU-only mode, or use engine=torch."
+        ) from err
+    use_device(jittor, device)
+    return jittor
+
+
+def check_numpy() -> None:
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise EngineError(
+            f"numpy {numpy.__version__} is installed, but Jittor 1.3.11 crashes with numpy 2. "
+            "Install numpy < 2 (`pip install 'numpy<2'`), or use engine=torch."
+        )
+
+
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda", "cuda:0"):
+        raise EngineError(f"engine.device={device!r}: the Jittor engine runs on auto, cpu or cuda (Jittor uses the "
+                          f"first visible GPU: choose it with CUDA_VISIBLE_DEVICES).")
+
+
+def use_device(jt, device: str) -> None:
+    check_device(device)
+    if device.startswith("cuda"):
+        if not jt.has_cuda:
+            raise EngineError(
+                f"engine.device={device} but Jittor has no CUDA here (nvcc_path={os.environ.get('nvcc_path')!r}, "
+                f"GPU driver present: {gpu_driver_present()}); use engine.device=cpu or auto."
+            )
+        jt.flags.use_cuda = 1
+    elif device == "cpu":
+        jt.flags.use_cuda = 0
+    else:
+        jt.flags.use_cuda = 1 if jt.has_cuda else 0
+
+
+def jittor_device(jt) -> str:
+    return "cuda" if jt.flags.use_cuda else "cpu"

@@ -1,0 +1,69 @@
+"""LoRA for Jittor linear layers: ``y = base(x) + (alpha / rank) * B(A(x))``, the base layer frozen.
+
+The adapted layer keeps peft's names (``<module>.base_layer``, ``<module>.lora_A``, ``<module>.lora_B``), so
+the adapter weights are ``<module>.lora_A.weight`` (rank x in) and ``<module>.lora_B.weight`` (out x rank),
+the keys of a diffusers LoRA file (see :mod:`jdiff.lora_file`). Layers are chosen the way peft chooses them:
+a linear layer whose name is a target, or ends with ``.`` + a target (``to_q``, ``to_out.0``, ``q_proj``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jdiff.engines.jittor.env import import_jittor
+from jdiff.lora_file import Adapter
+
+jt = import_jittor()
+nn = jt.nn
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float):
+        self.base_layer = base_layer
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.in_features = base_layer.in_features
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def execute(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+    def set_weights(self, down: np.ndarray, up: np.ndarray) -> None:
+        self.lora_A.weight.assign(jt.array(np.asarray(down, dtype=np.float32)))
+        self.lora_B.weight.assign(jt.array(np.asarray(up, dtype=np.float32)))
+
+    def weights(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.lora_A.weight.numpy().copy(), self.lora_B.weight.numpy().copy()
+
+
+def matches(name: str, targets) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def attach_lora(model: nn.Module, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
+    """Wrap every plain linear layer of ``model`` named by ``targets``; returns all adapted layers by name."""
+    chosen = [(name, module) for name, module in model.named_modules()
+              if type(module) is nn.Linear and matches(name, targets)]
+    parents = dict(model.named_modules())
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        # Sequential (ModuleList) children are set by their index name, other modules by attribute
+        setattr(parents[parent_name], child, LoraLinear(module, rank, alpha))
+    return lora_layers(model)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLinear)}
+
+
+def lora_parameters(model: nn.Module) -> list:
+    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def adapter_of(layers: dict[str, LoraLinear], rank: int, alpha: float) -> Adapter:
+    return Adapter(rank, alpha, {name: layer.weights() for name, layer in layers.items()})
