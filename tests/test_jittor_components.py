@@ -377,3 +377,95 @@ def test_device_names_jittor_cannot_honour_are_refused():
             env.use_device(jt, "cuda")
     env.use_device(jt, "cpu")
     assert env.jittor_device(jt) == "cpu"
+
+
+def test_importing_jittor_leaves_the_process_signals_and_children_alone():
+    # Jittor's own handlers would exit at once, silently: on a child killed by a signal (SIGCHLD), and on
+    # Ctrl-C (SIGINT, skipping clean-up); its import also leaves a pool of forked compile workers behind.
+    code = (
+        "import os, signal, subprocess, time\n"
+        "from jdiff.engines.jittor.env import import_jittor\n"
+        "import_jittor('cpu')\n"
+        "children = open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split()\n"
+        "victim = subprocess.Popen(['sleep', '60'])\n"
+        "victim.kill(); victim.wait(); time.sleep(0.2)\n"
+        "print('survived a killed child; children after import:', len(children), flush=True)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('KeyboardInterrupt', flush=True)\n"
+    )
+    done = run_python(code, pythonpath=[ROOT], extra_env={})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["survived a killed child; children after import: 0", "KeyboardInterrupt"]
+
+
+# -- CUDA 13 / cuDNN 9: the patch command ---------------------------------------------------------------
+
+
+def fake_cuda13_machine(tmp_path: Path):
+    """A copy of the installed Jittor's files the patch touches, a CUDA folder and a pip-style cuDNN 9."""
+    from jdiff.engines.jittor import cuda13
+
+    real = cuda13.jittor_package()
+    package = tmp_path / "jittor"
+    for relative in {e.path for e in cuda13.EDITS} | set(cuda13.RNN_SOURCES):
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real / relative, package / relative)
+    cuda = tmp_path / "cuda"
+    (cuda / "include").mkdir(parents=True)
+    (cuda / "lib64").mkdir()
+    (cuda / "include" / "cudnn_version.h").write_text("// the toolkit's own, not ours to touch\n")
+    cudnn = tmp_path / "site" / "nvidia" / "cudnn"
+    (cudnn / "include").mkdir(parents=True)
+    (cudnn / "lib").mkdir()
+    for header in ("cudnn.h", "cudnn_version.h", "cudnn_cnn.h"):
+        (cudnn / "include" / header).write_text(f"// {header}\n")
+    for library in ("libcudnn.so.9", "libcudnn_ops.so.9", "libcudnn_cnn.so.9"):
+        (cudnn / "lib" / library).write_bytes(b"\x7fELF")
+    return package, cuda, cudnn
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cuda13_patch_applies_once_and_reverts_to_the_same_bytes(tmp_path):
+    from jdiff.engines.jittor import cuda13
+
+    package, cuda, cudnn = fake_cuda13_machine(tmp_path)
+    before = snapshot(package)
+    changed = cuda13.apply(package, cuda, cudnn, say=lambda line: None)
+    assert len(changed) == len(cuda13.EDITS) + len(cuda13.RNN_SOURCES) + 2 + len(cuda13.CUDNN_LIBRARIES)
+    header = (package / "extern/cuda/inc/helper_cuda.h").read_text()
+    assert "deviceProp.computeMode" not in header and "deviceProp.clockRate" not in header
+    assert "-std=c++17 -fPIC" in (package / "compiler.py").read_text()
+    assert "cub::Max" not in (package / "other/code_softmax.py").read_text()
+    assert "cub::LaneId" not in (package / "depthwise_conv.py").read_text()
+    where = (package / "extern/cuda/cub/ops/cub_where_op.cc").read_text()
+    assert "cub::CountingInputIterator" not in where and where.count("thrust/iterator/counting_iterator.h") == 1
+    assert not any((package / relative).exists() for relative in cuda13.RNN_SOURCES)
+    assert os.readlink(cuda / "include" / "cudnn.h") == str(cudnn / "include" / "cudnn.h")
+    assert os.readlink(cuda / "lib64" / "libcudnn_cnn_train.so") == str(cudnn / "lib" / "libcudnn_cnn.so.9")
+    assert not (cuda / "include" / "cudnn_version.h").is_symlink()  # what was there stays
+
+    patched = snapshot(package)
+    assert cuda13.apply(package, cuda, cudnn, say=lambda line: None) == []  # idempotent
+    assert snapshot(package) == patched
+
+    cuda13.revert(package)
+    assert snapshot(package) == before
+    assert sorted(p.name for p in (cuda / "include").iterdir()) == ["cudnn_version.h"]
+    assert list((cuda / "lib64").iterdir()) == []
+
+
+def test_jittor_on_unpatched_cuda13_says_which_command_fixes_it(tmp_path):
+    fake_bin = fake_nvidia_smi(tmp_path / "bin", 0, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)")
+    nvcc = fake_bin / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    nvcc.chmod(0o755)
+    code = "from jdiff.engines.jittor.env import import_jittor\nimport_jittor()\n"
+    done = run_python(code, pythonpath=[ROOT], extra_env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode != 0
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert "CUDA 13.0" in last_line and "python -m jdiff.engines.jittor.cuda13 apply" in last_line, last_line

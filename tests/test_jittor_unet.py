@@ -63,7 +63,8 @@ def assert_same_outputs(folder: Path, batch: int, size: int, tokens: int = 77, t
     sample = rng.standard_normal((batch, config.in_channels, size, size)).astype(np.float32)
     states = rng.standard_normal((batch, tokens, config.cross_attention_dim)).astype(np.float32)
     with torch.no_grad():
-        want = reference(torch.from_numpy(sample), torch.tensor(timesteps), encoder_hidden_states=torch.from_numpy(states))
+        want = reference(torch.from_numpy(sample), torch.tensor(timesteps),
+                         encoder_hidden_states=torch.from_numpy(states))
     with jt.no_grad():
         got = ours(jt.array(sample), jt.array(np.asarray(timesteps)), jt.array(states)).numpy()
     want = want.sample.numpy()

@@ -1,4 +1,4 @@
-"""End to end on model=tiny with the torch engine: every stage, every output file, reproducibility, and
+"""End to end on model=tiny with the default engine (Jittor): every stage, every output file, reproducibility, and
 LoRA files that plain diffusers loads to the same images."""
 
 from __future__ import annotations

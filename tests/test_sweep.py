@@ -159,7 +159,7 @@ def test_a_crash_frees_the_gpu_and_ctrl_c_stops_cleanly(jdiff_root, tiny_model_d
         def training(steps: str) -> bool:
             run_dir = runs_by(sweep_dir, "train.steps").get(steps) if sweep_dir.exists() else None
             return bool(run_dir and (run_dir / JOB_FILE).exists()
-                        and "with engine=torch" in (run_dir / "run.log").read_text())
+                        and "with engine=" in (run_dir / "run.log").read_text())
 
         wait_for(lambda: training("500") or training("501"), "a run to start training")
         first, second = ("500", "501") if training("500") else ("501", "500")
@@ -299,12 +299,12 @@ def test_deterministic_sets_the_torch_flags(jdiff_root, tiny_model_dir, monkeypa
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # and restored to its state before the test
-    cfg = compose_config(["experiment=demo", "deterministic=true", "engine.threads=1"], jdiff_root)
+    cfg = compose_config(["experiment=demo", "engine=torch", "deterministic=true", "engine.threads=1"], jdiff_root)
     try:
         Run(cfg, jdiff_root / "unused").engine
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.get_num_threads() == 1
     finally:
-        Run(compose_config(["experiment=demo"], jdiff_root), jdiff_root / "unused").engine
+        Run(compose_config(["experiment=demo", "engine=torch"], jdiff_root), jdiff_root / "unused").engine
     assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() >= 1

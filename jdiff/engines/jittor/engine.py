@@ -19,7 +19,7 @@ from jdiff.engines.jittor.env import import_jittor, use_device
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
 
-from jdiff.engines.jittor.lora import LoraLinear, adapter_of, attach_lora, lora_layers  # noqa: E402
+from jdiff.engines.jittor.lora import LoraLinear, adapter_of, attach_lora, lora_layers, lora_parameters  # noqa: E402
 from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
@@ -70,6 +70,8 @@ class JittorEngine(Engine):
         return {"unet": self.unet, "text_encoder": self.text_encoder}
 
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
+        if prefix in self.lora_settings:
+            raise EngineError(f"the {prefix} has adapters already; attach one LoRA per engine (load a new engine).")
         layers = attach_lora(self._models()[prefix], targets, rank, alpha)
         if not layers:
             raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
@@ -112,8 +114,7 @@ class JittorEngine(Engine):
         self.settings = settings
         groups = []
         for prefix, ratio in (("unet", 1.0), ("text_encoder", settings.text_encoder_lr_ratio)):
-            params = [p for layer in lora_layers(self._models()[prefix]).values()
-                      for p in (layer.lora_A.weight, layer.lora_B.weight)]
+            params = lora_parameters(self._models()[prefix])
             for p in params:
                 p.start_grad()
             if params:

@@ -21,15 +21,24 @@ the user has not set them already:
 Failures become ``EngineError`` with what to do: Jittor missing, numpy 2 (Jittor 1.3.11 segfaults with it),
 or a failed compile (naming the cache folder; the compiler's messages are what Jittor printed above).
 The first import compiles Jittor's core (minutes); later imports reuse the cache.
+
+Jittor's import also changes the process in two ways we undo (``import_quietly``): it installs C signal
+handlers for SIGINT (exit at once, skipping Python's clean-up: no KeyboardInterrupt, temporary files left
+behind) and SIGCHLD (exit at once, silently, when any child process dies of a signal, e.g. a sweep job
+killed on purpose), and it forks a pool of compile workers at every import that lives until exit, whose
+shutdown can hang. After the import the process's own handlers are back and the pool is closed.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from jdiff.engines.base import EngineError
@@ -89,8 +98,9 @@ def import_jittor(device: str = "auto"):
     if "jittor" not in sys.modules:
         check_numpy()
         prepare_environment(device)
+        check_cuda_toolkit()
     try:
-        import jittor
+        jittor = import_quietly()
     except ImportError as err:
         raise EngineError(
             f"Jittor is not installed or cannot be imported ({err}). Install it with `pip install jittor==1.3.11.0` "
@@ -107,6 +117,41 @@ def import_jittor(device: str = "auto"):
     return jittor
 
 
+HANDLED_BY_JITTOR = (signal.SIGINT, signal.SIGCHLD)
+
+
+def import_quietly():
+    """``import jittor``, then put back this process's SIGINT/SIGCHLD handlers and close Jittor's compile pool.
+
+    During the import SIGTERM is the default action, so the pool's forked workers die when the pool ends
+    them (they would inherit a handler that turns SIGTERM into an exception they may swallow)."""
+    if "jittor" in sys.modules:
+        return sys.modules["jittor"]
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    saved = {sig: signal.getsignal(sig) for sig in (*HANDLED_BY_JITTOR, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import jittor
+    finally:
+        close_compile_pool()
+        for sig, handler in saved.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(sig, handler)
+    return jittor
+
+
+def close_compile_pool() -> None:
+    """End the worker pool Jittor forks to compile at import (``jittor_utils.run_cmds``); a later compile
+    makes a new one."""
+    utils = sys.modules.get("jittor_utils")
+    if utils is None or getattr(utils, "p", None) is None:
+        return
+    atexit.unregister(utils.pool_cleanup)
+    utils.pool_cleanup()
+    utils.pool_size = 0
+
+
 def check_numpy() -> None:
     import numpy
 
@@ -114,6 +159,21 @@ def check_numpy() -> None:
         raise EngineError(
             f"numpy {numpy.__version__} is installed, but Jittor 1.3.11 crashes with numpy 2. "
             "Install numpy < 2 (`pip install 'numpy<2'`), or use engine=torch."
+        )
+
+
+def check_cuda_toolkit() -> None:
+    """Jittor 1.3.11 cannot build against CUDA 13 unpatched: say so before it compiles for minutes and fails."""
+    if os.environ.get("nvcc_path") == "":  # CPU-only mode: no CUDA code is built
+        return
+    from jdiff.engines.jittor import cuda13
+
+    if cuda13.needs_patch():
+        version = ".".join(map(str, cuda13.cuda_version(cuda13.cuda_home())))
+        raise EngineError(
+            f"this GPU machine has CUDA {version}, which Jittor 1.3.11 cannot build against as installed. Run "
+            "`python -m jdiff.engines.jittor.cuda13 apply` once (it patches Jittor's sources, reversibly, and "
+            "checks the result), or use engine=torch, or engine.device=cpu."
         )
 
 

@@ -8,13 +8,11 @@ a linear layer whose name is a target, or ends with ``.`` + a target (``to_q``, 
 
 from __future__ import annotations
 
+import jittor as jt
 import numpy as np
+from jittor import nn
 
-from jdiff.engines.jittor.env import import_jittor
 from jdiff.lora_file import Adapter
-
-jt = import_jittor()
-nn = jt.nn
 
 
 class LoraLinear(nn.Module):
