@@ -22,6 +22,8 @@ from typing import Optional
 import jittor as jt
 from jittor import nn
 
+from jdiff.engines.jittor import fused_attention
+
 
 def silu(x: jt.Var) -> jt.Var:
     return x * jt.sigmoid(x)
@@ -136,7 +138,11 @@ def nearest(x: jt.Var, size: tuple[int, int]) -> jt.Var:
 def attention(q: jt.Var, k: jt.Var, v: jt.Var, bias: Optional[jt.Var] = None, upcast: bool = False) -> jt.Var:
     """Scaled dot-product attention on (batch, heads, tokens, head_dim). ``bias`` is added to the scores (a
     causal mask: -inf above the diagonal). ``upcast`` computes scores and softmax in float32 even for half
-    precision inputs (diffusers' ``upcast_attention``, on in SD 2.1), where they would otherwise overflow."""
+    precision inputs (diffusers' ``upcast_attention``, on in SD 2.1), where they would otherwise overflow.
+    On CUDA without a bias, the fused kernel runs instead (``fused_attention.MODE`` forces either path); it
+    always computes in float32, which covers ``upcast``."""
+    if fused_attention.applies(q, bias):
+        return fused_attention.attention(q, k, v)
     dtype = q.dtype
     if upcast:
         q, k = q.float32(), k.float32()
