@@ -245,7 +245,7 @@ def print_table(results) -> None:
     columns = ["fused_fwd", "unfused_fwd", "fused_fwd_bwd", "unfused_fwd_bwd", "torch_sdpa_fwd_bwd"]
     print(f"\nfused Jittor attention on {results['device']} (ms per call, median of {results['repeats']}; "
           "rel err = max over out/dq/dk/dv)")
-    header = (f"| case | dtype | tokens q/k | b*h | check | rel err fused | rel err unfused | "
+    header = ("| case | dtype | tokens q/k | b*h | check | rel err fused | rel err unfused | "
               + " | ".join(columns) + " | unfused/fused fwd+bwd | torch/fused fwd+bwd |")
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))

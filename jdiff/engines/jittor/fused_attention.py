@@ -28,7 +28,6 @@ Tile sizes and head_dim are compile-time constants: Jittor compiles one kernel p
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jittor as jt
