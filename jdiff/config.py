@@ -28,7 +28,8 @@ class ModelConfig:
     name: str = MISSING
     # A local diffusers-format folder or a Hugging Face hub id.
     path: str = MISSING
-    # "tiny": the folder is built locally (random weights, SD 2.1 architecture) when missing.
+    # "tiny" / "sd21_random": the folder is built locally (random weights, SD 2.1 architecture, tiny or full
+    # size) when missing.
     builder: Optional[str] = None
     builder_seed: int = 0
     # Overrides the scheduler config's prediction type (epsilon / v_prediction) when set.
@@ -47,6 +48,9 @@ class EngineConfig:
     # CPU threads for the tensor work; null: every core this process may use. CPU results depend on it
     # (reductions split differently), so it is part of a run's numerical config.
     threads: Optional[int] = None
+    # torch only: torch.compile the UNet with this mode (no, default, reduce-overhead: + CUDA graphs,
+    # max-autotune). The first steps compile (about a minute on a GPU); later steps run faster.
+    compile: str = "no"
 
 
 @dataclass

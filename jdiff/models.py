@@ -18,10 +18,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 def resolve_model_dir(model: DictConfig) -> Path:
     """The local folder holding ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``."""
-    if model.builder == "tiny":
+    if model.builder is not None:  # "tiny" or "sd21_random": built locally, random weights
         from jdiff.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model(Path(model.path), seed=model.builder_seed)
+        return ensure_tiny_model(Path(model.path), seed=model.builder_seed, architecture=model.builder)
     path = Path(os.path.expanduser(model.path))
     if path.is_dir():
         return check_model_dir(path)

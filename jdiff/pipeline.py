@@ -86,7 +86,8 @@ class Run:
             log.info("loading %s with engine=%s", self.model_dir, e.name)
             self._engine = create_engine(e.name, self.model_dir, device=e.device, mixed_precision=e.mixed_precision,
                                          prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle,
-                                         threads=e.threads, deterministic=self.cfg.deterministic)
+                                         threads=e.threads, deterministic=self.cfg.deterministic,
+                                         compile=e.compile)
         return self._engine
 
     # -- stages -------------------------------------------------------------------------------------------

@@ -167,6 +167,32 @@ SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
+#: ``model=sd21_random``: the real SD 2.1 UNet / VAE / text-encoder configs (``stabilityai/stable-diffusion-2-1``)
+#: at full size, random weights. For speed and memory benchmarks on a GPU: weights do not change the cost.
+SD21_UNET_CONFIG = dict(
+    UNET_CONFIG,
+    sample_size=96,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    norm_num_groups=32,
+    cross_attention_dim=1024,
+    attention_head_dim=[5, 10, 20, 20],
+)
+SD21_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                       norm_num_groups=32, sample_size=768)
+#: OpenCLIP ViT-H/14's text tower as SD 2.1 ships it (its vocabulary size; the tokenizer stays the tiny one)
+SD21_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, projection_dim=512,
+                        num_hidden_layers=23, num_attention_heads=16)
+TINY_TEXT_CONFIG = dict(hidden_size=TEXT_HIDDEN_SIZE, intermediate_size=64, projection_dim=32,
+                        num_hidden_layers=2, num_attention_heads=4)
+#: builder name -> (UNet config, VAE config, text-encoder config)
+ARCHITECTURES = {
+    "tiny": (UNET_CONFIG, VAE_CONFIG, TINY_TEXT_CONFIG),
+    "sd21_random": (SD21_UNET_CONFIG, SD21_VAE_CONFIG, SD21_TEXT_CONFIG),
+}
+
 # --------------------------------------------------------------------------- tokenizer data
 #: Words that become single BPE tokens (lower-case ASCII letters only: the CLIP
 #: pre-tokenizer splits digits and punctuation off on their own).
@@ -326,8 +352,8 @@ def _fix_zero_init(model, generator, std: float = 0.02) -> list[str]:
     return fixed
 
 
-def tiny_model_dirname(seed: int = 0, prediction_type: str = "v_prediction") -> str:
-    return f"tiny-v{TINY_VERSION}-seed{int(seed)}-{prediction_type}"
+def tiny_model_dirname(seed: int = 0, prediction_type: str = "v_prediction", architecture: str = "tiny") -> str:
+    return f"{architecture}-v{TINY_VERSION}-seed{int(seed)}-{prediction_type}"
 
 
 def is_complete_tiny_model(path: Path) -> bool:
@@ -351,8 +377,10 @@ def is_complete_tiny_model(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- build
-def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_prediction") -> Path:
-    """Build the tiny SD 2.1-shaped diffusers folder in ``out_dir`` (created; may exist empty).
+def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_prediction",
+                     architecture: str = "tiny") -> Path:
+    """Build the tiny SD 2.1-shaped diffusers folder in ``out_dir`` (created; may exist empty); with
+    ``architecture="sd21_random"``, SD 2.1 at full size (about 3.5 GB of random float32 weights).
 
     Deterministic: the same ``seed`` and ``prediction_type`` give byte-identical files.
     All-zero-initialised UNet/VAE weight tensors are re-initialised with N(0, 0.02)
@@ -360,6 +388,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_pre
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    unet_config, vae_config, text_sizes = ARCHITECTURES[architecture]
     import torch
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -375,26 +404,21 @@ def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_pre
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_component_seed(seed, 1))
-        unet = UNet2DConditionModel(**UNET_CONFIG)
+        unet = UNet2DConditionModel(**unet_config)
         reinitialised["unet"] = _fix_zero_init(unet, torch.Generator().manual_seed(_component_seed(seed, 101)))
         n_params["unet"] = sum(p.numel() for p in unet.parameters())
         unet.save_pretrained(out_dir / "unet", safe_serialization=True)
         del unet
 
         torch.manual_seed(_component_seed(seed, 2))
-        vae = AutoencoderKL(**VAE_CONFIG)
+        vae = AutoencoderKL(**vae_config)
         reinitialised["vae"] = _fix_zero_init(vae, torch.Generator().manual_seed(_component_seed(seed, 102)))
         n_params["vae"] = sum(p.numel() for p in vae.parameters())
         vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         del vae
 
         text_config = CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=TEXT_HIDDEN_SIZE,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **{"vocab_size": len(vocab), **text_sizes},
             max_position_embeddings=MODEL_MAX_LENGTH,
             hidden_act="gelu",
             layer_norm_eps=1e-5,
@@ -444,6 +468,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_pre
         out_dir / MARKER_FILE,
         {
             "tiny_version": TINY_VERSION,
+            "architecture": architecture,
             "seed": seed,
             "prediction_type": prediction_type,
             "num_parameters": n_params,
@@ -459,8 +484,9 @@ def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "v_pre
     return out_dir
 
 
-def ensure_tiny_model(cache_root: Path, seed: int = 0, prediction_type: str = "v_prediction") -> Path:
-    """Return ``cache_root / tiny-v{TINY_VERSION}-seed{seed}-{prediction_type}``, building it if needed.
+def ensure_tiny_model(cache_root: Path, seed: int = 0, prediction_type: str = "v_prediction",
+                      architecture: str = "tiny") -> Path:
+    """Return ``cache_root / {architecture}-v{TINY_VERSION}-seed{seed}-{prediction_type}``, building it if needed.
 
     A complete existing folder is reused as is.  Otherwise (missing or incomplete) the
     model is built into a temporary sibling folder and ``os.rename``-d into place, under
@@ -470,7 +496,7 @@ def ensure_tiny_model(cache_root: Path, seed: int = 0, prediction_type: str = "v
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     cache_root = Path(cache_root)
-    target = cache_root / tiny_model_dirname(seed, prediction_type)
+    target = cache_root / tiny_model_dirname(seed, prediction_type, architecture)
     if is_complete_tiny_model(target):
         return target
 
@@ -486,7 +512,7 @@ def ensure_tiny_model(cache_root: Path, seed: int = 0, prediction_type: str = "v
             shutil.rmtree(trash, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache_root))
         try:
-            build_tiny_model(tmp, seed=seed, prediction_type=prediction_type)
+            build_tiny_model(tmp, seed=seed, prediction_type=prediction_type, architecture=architecture)
             if not target.exists():
                 try:
                     os.rename(tmp, target)

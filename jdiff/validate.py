@@ -14,6 +14,7 @@ from jdiff.config import STAGES
 
 ENGINES = ("torch", "jittor")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("model", "ddim")
@@ -124,6 +125,9 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("engine.mixed_precision", engine.mixed_precision, MIXED_PRECISION)
     _check(engine.name != "jittor" or engine.mixed_precision == "no", "engine.mixed_precision",
            engine.mixed_precision, "the Jittor engine runs in float32 for now: use no, or engine=torch")
+    _one_of("engine.compile", engine.compile, COMPILE_MODES)
+    _check(engine.name != "jittor" or engine.compile == "no", "engine.compile", engine.compile,
+           "Jittor compiles its kernels itself: use no, or engine=torch")
     device = str(engine.device)
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
@@ -141,4 +145,5 @@ def validate_config(cfg: DictConfig) -> None:
                "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
     if cfg.model.prediction_type is not None:
         _one_of("model.prediction_type", cfg.model.prediction_type, PREDICTION_TYPES)
-    _check(cfg.model.builder in (None, "tiny"), "model.builder", cfg.model.builder, "null or tiny")
+    _check(cfg.model.builder in (None, "tiny", "sd21_random"), "model.builder", cfg.model.builder,
+           "null, tiny or sd21_random")

@@ -202,6 +202,7 @@ def with_values(base, **values):
         ("init.strength=1.5", ("init.strength=1.5", "(0, 1]")),
         ("infer.origin_scale=2", ("infer.origin_scale=2.0", "[0, 1]")),
         ("engine.device=gpu7", ("engine.device='gpu7'", "cuda:N")),
+        ("engine.compile=default", ("engine.compile='default'", "Jittor compiles its kernels itself")),
     ],
 )
 def test_bad_value_from_override_names_key_and_value(hydra_conf, tmp_path, override, fragments):
@@ -226,6 +227,7 @@ BAD_VALUES = [
     ("engine.device", "CPU", "engine.device='CPU'"),
     ("engine.mixed_precision", "fp8", "engine.mixed_precision='fp8'"),
     ("engine.name", "tensorflow", "engine.name='tensorflow'"),
+    ("engine.compile", "fast", "engine.compile='fast'"),
     ("train.steps", 0, "train.steps=0"),
     ("train.batch_size", 0, "train.batch_size=0"),
     ("train.lr", 0, "train.lr=0.0"),

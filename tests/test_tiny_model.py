@@ -334,3 +334,20 @@ def test_marker_records_build(tiny):
     assert set(meta["num_parameters"]) == {"unet", "vae", "text_encoder"}
     for rel, info in meta["files"].items():
         assert hashlib.sha256((tiny / rel).read_bytes()).hexdigest() == info["sha256"], rel
+
+
+def test_sd21_random_has_the_real_sd21_sizes():
+    # model=sd21_random (for GPU benchmarks) must cost what SD 2.1 costs: the published checkpoint's
+    # parameter counts, built on the meta device (no memory).
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from jdiff.tiny_model import ARCHITECTURES
+
+    unet_config, vae_config, text_config = ARCHITECTURES["sd21_random"]
+    with torch.device("meta"):
+        models = (UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config),
+                  CLIPTextModel(CLIPTextConfig(**text_config, max_position_embeddings=77, hidden_act="gelu")))
+    assert [sum(p.numel() for p in m.parameters()) for m in models] == [865_910_724, 83_653_863, 340_387_840]
+    assert tiny_model_dirname(0, "v_prediction", "sd21_random") == f"sd21_random-v{TINY_VERSION}-seed0-v_prediction"

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from jdiff.lora_file import initial_down_weights, load_adapters
+
 
 class EngineError(RuntimeError):
     """The engine cannot run (missing weights, out of memory, framework missing); the message says why."""
@@ -70,6 +72,7 @@ class Engine(abc.ABC):
     """Loads a diffusers-format folder and does training and sampling for the core."""
 
     name: str
+    lora_settings: dict[str, tuple[int, float]]  # "unet" / "text_encoder" -> (rank, alpha) of the adapters
 
     @abc.abstractmethod
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
@@ -80,13 +83,50 @@ class Engine(abc.ABC):
     def prediction_type(self) -> str:
         """epsilon or v_prediction: what the UNet is trained to predict."""
 
-    @abc.abstractmethod
-    def add_lora(self, spec: LoraSpec) -> None:
-        """Attach fresh adapters (B = 0, so the model is unchanged until trained)."""
+    # -- LoRA: the same in every engine, through _attach and _set_adapter ----------------------------------
 
     @abc.abstractmethod
+    def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict:
+        """Put adapters on the layers of ``prefix`` ("unet", "text_encoder") that ``targets`` name; return the
+        adapted layers by their name in a LoRA file. Each has ``in_features`` and ``out_features``."""
+
+    @abc.abstractmethod
+    def _set_adapter(self, layer, down: np.ndarray, up: np.ndarray) -> None:
+        """Copy A (rank x in) and B (out x rank) into one adapted layer."""
+
+    def _attach_new(self, prefix: str, targets, rank: int, alpha: float) -> dict:
+        if prefix in self.lora_settings:
+            raise EngineError(f"the {prefix} has adapters already; attach one LoRA per engine (load a new engine).")
+        layers = self._attach(prefix, targets, rank, alpha)
+        if not layers:
+            raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
+        return layers
+
+    def add_lora(self, spec: LoraSpec) -> None:
+        """Attach fresh adapters (B = 0, so the model is unchanged until trained; A from the seed)."""
+        plan = {"unet": (spec.unet_targets, spec.unet_rank, spec.unet_alpha)}
+        if spec.text_encoder_rank > 0:
+            plan["text_encoder"] = (spec.text_encoder_targets, spec.text_encoder_rank, spec.text_encoder_alpha)
+        for prefix, (targets, rank, alpha) in plan.items():
+            for name, layer in self._attach_new(prefix, targets, rank, alpha).items():
+                down = initial_down_weights(name, rank, layer.in_features, spec.seed)
+                self._set_adapter(layer, down, np.zeros((layer.out_features, rank), np.float32))
+            self.lora_settings[prefix] = (rank, float(alpha))
+
     def load_lora(self, path: Path) -> None:
         """Attach the adapters stored in a jdiff/diffusers LoRA .safetensors file."""
+        try:
+            stored = load_adapters(path)
+        except ValueError as err:
+            raise EngineError(str(err)) from err
+        for prefix, adapter in stored.items():
+            layers = self._attach_new(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
+            missing = sorted(set(adapter.layers) - set(layers))
+            if missing:
+                raise EngineError(f"{path}: the {prefix} has no layer {missing[0]}; was it trained on another model?")
+            for name, (down, up) in adapter.layers.items():
+                self._set_adapter(layers[name], down, up)
+            self.lora_settings[prefix] = (adapter.rank, adapter.alpha)
 
     @abc.abstractmethod
     def save_lora(self, path: Path) -> None:
@@ -107,18 +147,19 @@ class Engine(abc.ABC):
 
 def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                   prediction_type: Optional[str] = None, allow_pickle: bool = False,
-                  threads: Optional[int] = None, deterministic: bool = False) -> Engine:
+                  threads: Optional[int] = None, deterministic: bool = False, compile: str = "no") -> Engine:
     """Import the engine only when asked: the core never imports a deep-learning framework itself.
 
     ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
-    results where the framework has deterministic kernels, at some cost in speed.
+    results where the framework has deterministic kernels, at some cost in speed; ``compile``: the
+    torch.compile mode of the torch engine's UNet ("no" for eager).
     """
     if name == "torch":
         from jdiff.engines.torch.engine import TorchEngine
 
         return TorchEngine(model_dir, device=device, mixed_precision=mixed_precision,
                            prediction_type=prediction_type, allow_pickle=allow_pickle,
-                           threads=threads, deterministic=deterministic)
+                           threads=threads, deterministic=deterministic, compile=compile)
     if name == "jittor":  # Jittor's CPU kernels take no thread or determinism settings from jdiff yet
         from jdiff.engines.jittor.engine import JittorEngine
 

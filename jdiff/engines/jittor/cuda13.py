@@ -57,6 +57,9 @@ EDITS = (
          "cudaDeviceProp.clockRate was removed in CUDA 13"),
     Edit("compiler.py", r'cc_flags \+= " -Wall -Wno-unknown-pragmas -std=c\+\+14 -fPIC "',
          'cc_flags += " -Wall -Wno-unknown-pragmas -std=c++17 -fPIC "', "CCCL 3 (CUDA 13) needs C++17"),
+    Edit("compiler.py", r'nvcc_flags = nvcc_flags\.replace\("-std=c\+\+17", "-std=c\+\+14 -Xcompiler -std:c\+\+14"\)',
+         'nvcc_flags = nvcc_flags  # C++17 kept for nvcc too (jdiff-cuda13)',
+         "nvcc >= 11.4 turned C++17 back into C++14 plus an MSVC-only flag"),
     Edit("other/code_softmax.py", r"cub::Max\(\)", "cuda::maximum<>()", "cub::Max was removed in CCCL 3"),
     Edit("depthwise_conv.py", r"cub::LaneId\(\)", "(threadIdx.x % 32)", "cub::LaneId was removed in CCCL 3"),
     Edit("extern/cuda/cub/ops/cub_where_op.cc", r"cub::CountingInputIterator<To> counting_itr\(0\);",
@@ -181,6 +184,7 @@ def apply(package: Path, cuda: Path, cudnn: Path | None, say=print) -> list[str]
             shutil.move(path, target)
             changed.append(f"{relative}: moved aside (cuDNN RNN API removed in cuDNN 9)")
     if cudnn is not None:
+        manifest["cudnn"] = str(cudnn)
         links = {cuda / "include" / header.name: header for header in sorted((cudnn / "include").glob("cudnn*.h"))}
         library_dir = cuda / "lib64"
         for name, real in CUDNN_LIBRARIES.items():
@@ -199,6 +203,31 @@ def apply(package: Path, cuda: Path, cudnn: Path | None, say=print) -> list[str]
             changed.append(f"{link} -> {target}")
     write_manifest(package, manifest)
     return changed
+
+
+# cuDNN 9's libraries in load order: each needs only those before it. The engines are opened by name at run time.
+CUDNN_LOAD_ORDER = ("libcudnn_graph.so.9", "libcudnn_engines_precompiled.so.9", "libcudnn_engines_runtime_compiled.so.9",
+                    "libcudnn_heuristic.so.9", "libcudnn_ops.so.9", "libcudnn_cnn.so.9", "libcudnn_adv.so.9",
+                    "libcudnn.so.9")
+
+
+def preload_cudnn(package: Path | None = None) -> None:
+    """Load the patched-in cuDNN's libraries into this process before Jittor opens them through our links.
+
+    Without this the dynamic loader resolves their dependencies (``libcudnn_graph.so.9``, ...) by name, and may
+    find another cuDNN 9 on the system (a different minor version: missing symbols)."""
+    import ctypes
+
+    try:
+        folder = read_manifest(package or jittor_package()).get("cudnn")
+    except PatchError:
+        return
+    if not folder:
+        return
+    for name in CUDNN_LOAD_ORDER:
+        library = Path(folder) / "lib" / name
+        if library.exists():
+            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
 def revert(package: Path) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from jdiff.engines.base import Engine, EngineError, GenerateRequest, LoraSpec, OptimizerSettings, TrainBatch
+from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch
 from jdiff.engines.jittor.env import import_jittor, use_device
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
@@ -24,7 +24,7 @@ from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
 from jdiff.engines.jittor.vae import AutoencoderKL  # noqa: E402
-from jdiff.lora_file import initial_down_weights, load_adapters, save_adapters  # noqa: E402
+from jdiff.lora_file import save_adapters  # noqa: E402
 from jdiff.schedule import read_scheduler_config  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class JittorEngine(Engine):
         self.unet = UNet2DConditionModel.from_pretrained(self.model_dir / "unet", allow_pickle)
         self.optimizer: Optional[jt.optim.AdamW] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
+        self._frozen_prompts: dict[str, jt.Var] = {}  # prompt -> text states, while the encoder is frozen
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
@@ -70,36 +71,10 @@ class JittorEngine(Engine):
         return {"unet": self.unet, "text_encoder": self.text_encoder}
 
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
-        if prefix in self.lora_settings:
-            raise EngineError(f"the {prefix} has adapters already; attach one LoRA per engine (load a new engine).")
-        layers = attach_lora(self._models()[prefix], targets, rank, alpha)
-        if not layers:
-            raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
-        return layers
+        return attach_lora(self._models()[prefix], targets, rank, alpha)
 
-    def add_lora(self, spec: LoraSpec) -> None:
-        plan = {"unet": (spec.unet_targets, spec.unet_rank, spec.unet_alpha)}
-        if spec.text_encoder_rank > 0:
-            plan["text_encoder"] = (spec.text_encoder_targets, spec.text_encoder_rank, spec.text_encoder_alpha)
-        for prefix, (targets, rank, alpha) in plan.items():
-            for name, layer in self._attach(prefix, targets, rank, alpha).items():
-                down = initial_down_weights(name, rank, layer.in_features, spec.seed)
-                layer.set_weights(down, np.zeros((layer.base_layer.out_features, rank), np.float32))
-            self.lora_settings[prefix] = (rank, float(alpha))
-
-    def load_lora(self, path: Path) -> None:
-        try:
-            stored = load_adapters(path)
-        except ValueError as err:
-            raise EngineError(str(err)) from err
-        for prefix, adapter in stored.items():
-            layers = self._attach(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
-            missing = sorted(set(adapter.layers) - set(layers))
-            if missing:
-                raise EngineError(f"{path}: the {prefix} has no layer {missing[0]}; was it trained on another model?")
-            for name, (down, up) in adapter.layers.items():
-                layers[name].set_weights(down, up)
-            self.lora_settings[prefix] = (adapter.rank, adapter.alpha)
+    def _set_adapter(self, layer: LoraLinear, down: np.ndarray, up: np.ndarray) -> None:
+        layer.set_weights(down, up)
 
     def save_lora(self, path: Path, extra_metadata: Optional[dict] = None) -> None:
         adapters = {prefix: adapter_of(lora_layers(self._models()[prefix]), rank, alpha)
@@ -130,6 +105,17 @@ class JittorEngine(Engine):
                              truncation=True, return_tensors="np").input_ids
         return self.text_encoder(jt.array(ids.astype(np.int32)))
 
+    def training_prompt_states(self, prompts: list[str]) -> jt.Var:
+        """The text states of a training batch; computed once per prompt while the text encoder has no adapter."""
+        if "text_encoder" in self.lora_settings:
+            return self.encode_prompts(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._frozen_prompts]
+        if missing:
+            with jt.no_grad():
+                states = self.encode_prompts(missing)
+            self._frozen_prompts.update((p, states[i].stop_grad()) for i, p in enumerate(missing))
+        return jt.stack([self._frozen_prompts[p] for p in prompts])
+
     def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> jt.Var:
         """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
         mean, std = self.vae.encode(jt.array(pixels))
@@ -139,7 +125,7 @@ class JittorEngine(Engine):
         """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
         with jt.no_grad():
             latents = self.encode_images(batch.pixels, batch.posterior_noise)
-        states = self.encode_prompts(batch.prompts)
+        states = self.training_prompt_states(batch.prompts)
         noise = jt.array(batch.noise)
         a = jt.array(batch.signal).reshape(-1, 1, 1, 1)
         s = jt.array(batch.noise_level).reshape(-1, 1, 1, 1)

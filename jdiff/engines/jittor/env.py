@@ -131,6 +131,10 @@ def import_quietly():
     saved = {sig: signal.getsignal(sig) for sig in (*HANDLED_BY_JITTOR, signal.SIGTERM)} if in_main_thread else {}
     if in_main_thread:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.environ.get("nvcc_path") != "":  # CUDA mode: the cuDNN that `cuda13 apply` linked in, if it did
+        from jdiff.engines.jittor.cuda13 import preload_cudnn
+
+        preload_cudnn()
     try:
         import jittor
     finally:

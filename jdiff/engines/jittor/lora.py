@@ -23,6 +23,7 @@ class LoraLinear(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
 
     @property
     def scale(self) -> float:

@@ -20,8 +20,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from jdiff.engines.base import Engine, EngineError, GenerateRequest, LoraSpec, OptimizerSettings, TrainBatch
-from jdiff.lora_file import Adapter, initial_down_weights, load_adapters, save_adapters
+from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch
+from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class TorchEngine(Engine):
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                  prediction_type: Optional[str] = None, allow_pickle: bool = False,
-                 threads: Optional[int] = None, deterministic: bool = False):
+                 threads: Optional[int] = None, deterministic: bool = False, compile: str = "no"):
         configure_torch(threads, deterministic)
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
@@ -97,10 +97,13 @@ class TorchEngine(Engine):
             model.requires_grad_(False)
             model.eval()
             model.to(self.device)
+        if compile != "no":  # compiled at the first call, after the LoRA layers are in; names stay the same
+            self.unet.compile(mode=compile)
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
+        self._frozen_prompts: dict[str, torch.Tensor] = {}  # prompt -> text states, while the encoder is frozen
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
@@ -133,41 +136,15 @@ class TorchEngine(Engine):
             targets = [t.removeprefix("text_model.") for t in targets]
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
         layers = self._lora_layers(prefix)
-        if not layers:
-            raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
         for layer in layers.values():  # the adapter trains in fp32 even when the base model is half precision
             layer.lora_A["default"].to(self.device, dtype=torch.float32)
             layer.lora_B["default"].to(self.device, dtype=torch.float32)
         return layers
 
-    def add_lora(self, spec: LoraSpec) -> None:
-        plan = {"unet": (spec.unet_targets, spec.unet_rank, spec.unet_alpha)}
-        if spec.text_encoder_rank > 0:
-            plan["text_encoder"] = (spec.text_encoder_targets, spec.text_encoder_rank, spec.text_encoder_alpha)
-        for prefix, (targets, rank, alpha) in plan.items():
-            layers = self._attach(prefix, targets, rank, alpha)
-            with torch.no_grad():
-                for name, layer in layers.items():
-                    down = initial_down_weights(name, rank, layer.in_features, spec.seed)
-                    layer.lora_A["default"].weight.copy_(torch.from_numpy(down))
-                    layer.lora_B["default"].weight.zero_()
-            self.lora_settings[prefix] = (rank, float(alpha))
-
-    def load_lora(self, path: Path) -> None:
-        try:
-            stored = load_adapters(path)
-        except ValueError as err:
-            raise EngineError(str(err)) from err
-        for prefix, adapter in stored.items():
-            layers = self._attach(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
-            missing = sorted(set(adapter.layers) - set(layers))
-            if missing:
-                raise EngineError(f"{path}: the {prefix} has no layer {missing[0]}; was it trained on another model?")
-            with torch.no_grad():
-                for name, (down, up) in adapter.layers.items():
-                    layers[name].lora_A["default"].weight.copy_(torch.from_numpy(down))
-                    layers[name].lora_B["default"].weight.copy_(torch.from_numpy(up))
-            self.lora_settings[prefix] = (adapter.rank, adapter.alpha)
+    @torch.no_grad()
+    def _set_adapter(self, layer: LoraLayer, down: np.ndarray, up: np.ndarray) -> None:
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(down)))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(up)))
 
     def save_lora(self, path: Path, extra_metadata: Optional[dict] = None) -> None:
         out = {}
@@ -195,12 +172,23 @@ class TorchEngine(Engine):
                 groups.append({"params": params, "lr": settings.lr * ratio, "lr_ratio": ratio})
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                           weight_decay=settings.weight_decay)
+                                           weight_decay=settings.weight_decay, fused=self.device.type == "cuda")
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0]
+
+    def training_prompt_states(self, prompts: list[str]) -> torch.Tensor:
+        """The text states of a training batch; computed once per prompt while the text encoder has no adapter
+        (a frozen encoder gives the same states every step)."""
+        if "text_encoder" in self.lora_settings:
+            return self.encode_prompts(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._frozen_prompts]
+        if missing:
+            with torch.no_grad():
+                self._frozen_prompts.update(zip(missing, self.encode_prompts(missing)))
+        return torch.stack([self._frozen_prompts[p] for p in prompts])
 
     def encode_images(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
         """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
@@ -211,7 +199,7 @@ class TorchEngine(Engine):
         """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
         with torch.no_grad():
             latents = self.encode_images(self._tensor(batch.pixels), self._tensor(batch.posterior_noise)).float()
-        states = self.encode_prompts(batch.prompts)
+        states = self.training_prompt_states(batch.prompts)
         noise = self._tensor(batch.noise, torch.float32)
         a = self._tensor(batch.signal, torch.float32).view(-1, 1, 1, 1)
         s = self._tensor(batch.noise_level, torch.float32).view(-1, 1, 1, 1)

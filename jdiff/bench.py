@@ -1,0 +1,394 @@
+"""Speed and memory of jdiff's engines against the reference DreamBooth-LoRA baseline, on one GPU.
+
+    python -m jdiff.bench                                     # SD 2.1 (random weights), 512 px, all sections
+    python -m jdiff.bench --variants baseline,torch-bf16 --sections train
+    python -m jdiff.bench --model tiny --device cpu --resolution 64 --steps 2 --images 2   # a smoke run
+
+Sections (each variant x section runs in a fresh process, so memory and compile caches do not carry over):
+
+- ``train``: steps/s of the reference method's step (1 style image + 1 prior image, UNet LoRA rank 32 on
+  to_q/k/v/out, VAE encode and text encoder included, AdamW, gradient clipping), after warm-up steps;
+  peak GPU memory (the process's, read from nvidia-smi while it runs; torch's allocator peak as well).
+- ``generate``: seconds for one style's images (default 25: batches of 5, 40 steps, img2img at strength 0.9,
+  guidance 7.5), after one warm-up batch.
+- ``e2e``: one style end to end through ``python -m jdiff.main`` (800 steps + the images + the Hist score),
+  with the class-image cache warmed by an earlier run, wall time of the whole command.
+
+Variants: ``baseline`` is plain diffusers + peft in fp32 the way the reference DreamBooth-LoRA script runs
+(text encoder and VAE every step, a loss.item() every step); the others are jdiff engines with settings
+(see VARIANTS). The model is ``model=sd21_random``: the SD 2.1 architecture at full size with random weights
+(weights do not change the cost). Prints a table, ratios to the baseline last, and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+VARIANTS = {
+    "baseline": {},
+    "torch": {"engine": "torch"},
+    "torch-bf16": {"engine": "torch", "mixed_precision": "bf16"},
+    "torch-bf16-compile": {"engine": "torch", "mixed_precision": "bf16", "compile": "default"},
+    "torch-bf16-graphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "reduce-overhead"},
+    "jittor": {"engine": "jittor"},
+}
+SECTIONS = ("train", "generate", "e2e")
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+RANK = 32
+STYLE_PROMPT, PRIOR_PROMPT = "an image of wheat field in style_00", "an image of wheat field"
+OBJECTS = ["Dolphin", "Lighthouse", "Bicycle", "Owl", "Violin"]
+E2E_OBJECTS = 25
+
+
+# -- one measurement, in its own process --------------------------------------------------------------------
+
+
+def train_batches(model_dir: Path, resolution: int, latent: tuple, count: int):
+    """``count`` batches of the reference step: one style image and one prior image, random pixels and noise."""
+    from jdiff.engines.base import TrainBatch
+    from jdiff.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_model(model_dir)
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        timesteps = rng.integers(0, schedule.num_train_timesteps, size=2).astype(np.int64)
+        signal, noise_level = schedule.coefficients(timesteps)
+        yield TrainBatch(
+            pixels=rng.uniform(-1, 1, (2, 3, resolution, resolution)).astype(np.float32),
+            prompts=[STYLE_PROMPT, PRIOR_PROMPT], weights=np.ones(2, np.float32), timesteps=timesteps,
+            signal=signal, noise_level=noise_level, noise=rng.standard_normal((2, *latent)).astype(np.float32),
+            posterior_noise=rng.standard_normal((2, *latent)).astype(np.float32))
+
+
+def generate_requests(resolution: int, latent: tuple, images: int, batch: int, steps: int):
+    from jdiff.engines.base import GenerateRequest
+
+    rng = np.random.default_rng(1)
+    init = rng.uniform(-1, 1, (3, resolution, resolution)).astype(np.float32)  # the average style image
+    for start in range(0, images, batch):
+        n = min(batch, images - start)
+        prompts = [f"an image of {OBJECTS[(start + k) % len(OBJECTS)]} in style_00" for k in range(n)]
+        yield GenerateRequest(prompts=prompts, noise=rng.standard_normal((n, *latent)).astype(np.float32),
+                              steps=steps, guidance_scale=7.5, init_image=init, strength=0.9,
+                              init_posterior_noise=rng.standard_normal((n, *latent)).astype(np.float32))
+
+
+class Baseline:
+    """The reference DreamBooth-LoRA training script's step and a plain diffusers img2img pipeline, fp32."""
+
+    name = "baseline"
+
+    def __init__(self, model_dir: Path, device: str):
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from peft import LoraConfig
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.torch, self.device = torch, torch.device(device)
+        self.tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").to(self.device)
+        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(self.device)
+        self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to(self.device)
+        self.scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        for model in (self.text_encoder, self.vae, self.unet):
+            model.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                         target_modules=list(TARGETS)))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+    def latent_shape(self, resolution: int) -> tuple:
+        return (4, resolution // 8, resolution // 8)
+
+    def train_step(self, batch) -> float:
+        torch = self.torch
+        pixels = torch.from_numpy(batch.pixels).to(self.device)
+        latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.from_numpy(batch.timesteps).to(self.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        ids = self.tokenizer(batch.prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        states = self.text_encoder(ids)[0]
+        pred = self.unet(noisy, timesteps, states).sample
+        target = (self.scheduler.get_velocity(latents, noise, timesteps)
+                  if self.scheduler.config.prediction_type == "v_prediction" else noise)
+        pred, prior_pred = pred.chunk(2)
+        target, prior_target = target.chunk(2)
+        loss = torch.nn.functional.mse_loss(pred, target) + torch.nn.functional.mse_loss(prior_pred, prior_target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.item()
+
+    def generate(self, request) -> list:
+        from diffusers import StableDiffusionImg2ImgPipeline
+        from PIL import Image
+
+        pipe = StableDiffusionImg2ImgPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                              unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        init = Image.fromarray(((request.init_image.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8))
+        return list(pipe(prompt=request.prompts, image=init, strength=request.strength,
+                         num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                         output_type="np").images)
+
+
+def load(variant: str, model_dir: Path, device: str):
+    settings = dict(VARIANTS[variant])
+    if not settings:
+        return Baseline(model_dir, "cuda" if device == "auto" else device)
+    from jdiff.engines.base import LoraSpec, OptimizerSettings, create_engine
+
+    engine = create_engine(settings.pop("engine"), model_dir, device=device, **settings)
+    engine.add_lora(LoraSpec(unet_rank=RANK, unet_alpha=RANK, unet_targets=TARGETS))
+    engine.setup_training(OptimizerSettings(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                                            max_grad_norm=1.0, text_encoder_lr_ratio=1.0))
+    return engine
+
+
+def torch_peak_gib() -> Optional[float]:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure(variant: str, section: str, args) -> dict:
+    """Run one variant's section here; returns its numbers."""
+    from jdiff.tiny_model import ensure_tiny_model
+
+    model_dir = ensure_tiny_model(Path(args.cache) / "models", architecture=args.model)
+    started = time.perf_counter()
+    engine = load(variant, model_dir, args.device)
+    result = {"load_s": time.perf_counter() - started}
+    latent = engine.latent_shape(args.resolution)
+    if section == "train":
+        batches = list(train_batches(model_dir, args.resolution, latent, 4))
+        step = (lambda b: engine.train_step(b)) if variant == "baseline" else (lambda b: engine.train_step(b, 1e-4))
+        started = time.perf_counter()
+        for k in range(args.warmup):
+            step(batches[k % len(batches)])
+        result["warmup_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for k in range(args.steps):
+            step(batches[k % len(batches)])  # each step returns the loss to the host: a sync, as in training
+        seconds = time.perf_counter() - started
+        result.update(steps=args.steps, steps_per_s=args.steps / seconds)
+    else:
+        requests = list(generate_requests(args.resolution, latent, args.images, args.batch, args.infer_steps))
+        started = time.perf_counter()
+        engine.generate(requests[0])
+        result["warmup_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        images = sum(len(engine.generate(r)) for r in requests)
+        result.update(images=images, generate_s=time.perf_counter() - started)
+    result["torch_peak_gib"] = torch_peak_gib()
+    return result
+
+
+# -- end to end, through the CLI ----------------------------------------------------------------------------
+
+
+def write_bench_style(root: Path) -> Path:
+    """Style 00 for the end-to-end run: 10 drawn images and 25 objects to generate."""
+    from jdiff.demo_data import DEMO_STYLES, draw_image
+    from jdiff.scoring.clip import load_clip_r_names
+
+    folder = root / "00"
+    if (folder / "prompt.json").exists():
+        return root
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    palette, motif, _, _ = DEMO_STYLES["00"]
+    names = load_clip_r_names()
+    for k in range(10):
+        draw_image(palette, motif, seed=k).resize((512, 512)).save(folder / "images" / f"{names[50 + k]}.png")
+    prompts = {str(i): name.title() for i, name in enumerate(names[:E2E_OBJECTS])}
+    (folder / "prompt.json").write_text(json.dumps(prompts, indent=1))
+    return root
+
+
+def end_to_end(variant: str, args) -> dict:
+    settings = dict(VARIANTS[variant])
+    if not settings:
+        return {"skipped": "the baseline has no end-to-end command"}
+    root = Path(args.cache) / "e2e"
+    styles = write_bench_style(root / "styles")
+    overrides = [f"model={args.model}", f"model.path={Path(args.cache).resolve() / 'models'}",
+                 f"data.root={styles.resolve()}", "style=00", f"data.resolution={args.resolution}",
+                 "score=hist", f"train.steps={args.e2e_steps}", f"infer.steps={args.infer_steps}",
+                 "prior.images_per_object=1", f"paths.root={root.resolve()}", f"engine.device={args.device}"]
+    overrides += [f"engine={settings.pop('engine')}"] + [f"engine.{k}={v}" for k, v in settings.items()]
+    command = [sys.executable, "-m", "jdiff.main", *overrides]
+    run_dir = root / "runs" / f"{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    warm = subprocess.run(command + ["stages=[prior]", f"hydra.run.dir={run_dir}-prior"], capture_output=True,
+                          text=True)
+    if warm.returncode:
+        return {"error": warm.stderr[-2000:]}
+    started = time.perf_counter()
+    done = subprocess.run(command + [f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        return {"error": done.stderr[-2000:]}
+    return {"e2e_s": seconds, "train_steps": args.e2e_steps, "run_dir": str(run_dir)}
+
+
+# -- the parent: one child process per measurement ----------------------------------------------------------
+
+
+class GpuMemoryWatch:
+    """Peak GPU memory of one process (and its children), polled from nvidia-smi."""
+
+    def __init__(self, pid: int):
+        self.pids, self.peak_mib, self._stop = {pid}, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            used = sum(int(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
+                       if int(p) in self.pids | children(self.pids))
+            self.peak_mib = max(self.peak_mib, used)
+
+    def stop(self) -> Optional[float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mib / 1024 if self.peak_mib else None
+
+
+def children(pids: set) -> set:
+    found = set()
+    for pid in pids:
+        try:
+            found |= {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+        except OSError:
+            pass
+    return found | (children(found) if found else set())
+
+
+def run_child(variant: str, section: str, argv: list[str]) -> dict:
+    command = [sys.executable, "-m", "jdiff.bench", "--child", variant, section, *argv]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = GpuMemoryWatch(child.pid)
+    out, err = child.communicate()
+    peak = watch.stop()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if child.returncode or not lines:
+        return {"error": err.strip()[-1500:] or f"exit {child.returncode}"}
+    return {**json.loads(lines[-1]), "gpu_peak_gib": peak}
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "host": platform.node(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError:
+        info["gpu"] = None
+    for name in ("torch", "diffusers", "peft", "jittor"):
+        try:
+            info[name] = __import__("importlib.metadata").metadata.version(name)
+        except Exception:
+            info[name] = None
+    return info
+
+
+def table(results: dict) -> str:
+    rows = ["| variant | train steps/s | train peak GiB (process / torch) | generate s | e2e s |",
+            "| --- | --- | --- | --- | --- |"]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    for variant, sections in results.items():
+        train, gen, e2e = (sections.get(s, {}) for s in SECTIONS)
+        rows.append(f"| {variant} | {fmt(train.get('steps_per_s'), '.2f')} | "
+                    f"{fmt(train.get('gpu_peak_gib'), '.2f')} / {fmt(train.get('torch_peak_gib'), '.2f')} | "
+                    f"{fmt(gen.get('generate_s'), '.1f')} | {fmt(e2e.get('e2e_s'), '.1f')} |")
+    base = results.get("baseline", {})
+    b_train, b_gen = base.get("train", {}).get("steps_per_s"), base.get("generate", {}).get("generate_s")
+    rows.append("")
+    for variant, sections in results.items():
+        speed = sections.get("train", {}).get("steps_per_s")
+        gen = sections.get("generate", {}).get("generate_s")
+        ratios = []
+        if b_train and speed:
+            ratios.append(f"train {speed / b_train:.2f}x")
+        if b_gen and gen:
+            ratios.append(f"generate {b_gen / gen:.2f}x")
+        if ratios and variant != "baseline":
+            rows.append(f"{variant} vs baseline: " + ", ".join(ratios))
+    return "\n".join(rows)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="baseline,torch,torch-bf16,jittor",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--sections", default="train,generate,e2e", help=f"comma-separated, from {', '.join(SECTIONS)}")
+    parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=5, help="training steps before timing")
+    parser.add_argument("--images", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=5)
+    parser.add_argument("--infer-steps", type=int, default=40)
+    parser.add_argument("--e2e-steps", type=int, default=800)
+    parser.add_argument("--cache", default="data/cache/bench", help="where the model and e2e runs go")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SECTION"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            parser.error(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}")
+    for name in args.sections.split(","):
+        if name not in SECTIONS:
+            parser.error(f"--sections: {name!r} is not one of {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.child:
+        print(json.dumps(measure(*args.child, args)), flush=True)
+        return 0
+    from jdiff.tiny_model import ensure_tiny_model
+
+    started = time.perf_counter()
+    ensure_tiny_model(Path(args.cache) / "models", architecture=args.model)
+    print(f"model {args.model} ready in {time.perf_counter() - started:.0f} s", flush=True)
+    results: dict = {}
+    for variant in args.variants.split(","):
+        for section in args.sections.split(","):
+            got = end_to_end(variant, args) if section == "e2e" else run_child(variant, section, argv)
+            results.setdefault(variant, {})[section] = got
+            print(f"{variant:>20} {section:>8}: {json.dumps(got)}", flush=True)
+    report = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "child"},
+              "results": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"\n{report['machine']}\n{table(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
