@@ -469,3 +469,16 @@ def test_jittor_on_unpatched_cuda13_says_which_command_fixes_it(tmp_path):
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
     assert "CUDA 13.0" in last_line and "python -m jdiff.engines.jittor.cuda13 apply" in last_line, last_line
+
+
+def test_cuda13_need_is_read_from_the_sources(tmp_path, monkeypatch):
+    from jdiff.engines.jittor import cuda13
+
+    package, cuda, cudnn = fake_cuda13_machine(tmp_path)
+    monkeypatch.setattr(cuda13, "cuda_version", lambda home: (13, 0))
+    assert cuda13.needs_patch(package) and len(cuda13.unpatched(package)) == len(cuda13.EDITS)
+    cuda13.apply(package, cuda, cudnn, say=lambda line: None)
+    assert not cuda13.needs_patch(package)  # patched by us, or a Jittor that no longer has that code
+    monkeypatch.setattr(cuda13, "cuda_version", lambda home: (12, 4))
+    cuda13.revert(package)
+    assert not cuda13.needs_patch(package)  # CUDA 12 builds the original sources

@@ -127,14 +127,25 @@ def cudnn_folder() -> Path | None:
     return None
 
 
+def unpatched(package: Path) -> list[str]:
+    """The edits whose old code is still in ``package`` (none in a patched or a CUDA-13-ready Jittor)."""
+    found = []
+    for edit in EDITS:
+        path = package / edit.path
+        if path.exists() and re.search(edit.old, path.read_text()):
+            found.append(f"{edit.path}: {edit.why}")
+    return found
+
+
 def needs_patch(package: Path | None = None) -> bool:
-    """True where Jittor would fail to build: a CUDA >= 13 toolkit and our patch not applied."""
+    """True where Jittor would fail to build: a CUDA >= 13 toolkit, and Jittor's sources still hold code it
+    cannot compile."""
     version = cuda_version(cuda_home())
     if version is None or version[0] < 13:
         return False
     try:
-        return not (package or jittor_package()).joinpath(STATE_DIR, MANIFEST).exists()
-    except PatchError:
+        return bool(unpatched(package or jittor_package()))
+    except PatchError:  # no Jittor: import_jittor says so itself
         return False
 
 
