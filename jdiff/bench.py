@@ -11,6 +11,8 @@ Sections (each variant x section runs in a fresh process, so memory and compile 
   peak GPU memory (the process's, read from nvidia-smi while it runs; torch's allocator peak as well).
 - ``generate``: seconds for one style's images (default 25: batches of 5, 40 steps, img2img at strength 0.9,
   guidance 7.5), after one warm-up batch.
+- ``check``: correctness of each speed path: three training steps' losses and one batch of images from the
+  same inputs, against the fp32 torch engine, within limits set by the variant's precision (CHECK_LIMITS).
 - ``e2e``: one style end to end through ``python -m jdiff.main`` (800 steps + the images + the Hist score),
   with the class-image cache warmed by an earlier run, wall time of the whole command.
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -43,7 +44,10 @@ VARIANTS = {
     "torch-bf16-graphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "reduce-overhead"},
     "jittor": {"engine": "jittor"},
 }
-SECTIONS = ("train", "generate", "e2e")
+SECTIONS = ("train", "generate", "e2e", "check")
+REFERENCE = "torch"  # the fp32 engine every speed path is checked against
+# allowed difference from the reference: max relative loss difference, mean absolute pixel difference (levels)
+CHECK_LIMITS = {"no": (1e-3, 1.0), "bf16": (3e-2, 8.0), "fp16": (1e-2, 4.0)}
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 32
 STYLE_PROMPT, PRIOR_PROMPT = "an image of wheat field in style_00", "an image of wheat field"
@@ -176,6 +180,8 @@ def measure(variant: str, section: str, args) -> dict:
     engine = load(variant, model_dir, args.device)
     result = {"load_s": time.perf_counter() - started}
     latent = engine.latent_shape(args.resolution)
+    if section == "check":
+        return numbers_to_check(variant, engine, model_dir, latent, args)
     if section == "train":
         batches = list(train_batches(model_dir, args.resolution, latent, 4))
         step = (lambda b: engine.train_step(b)) if variant == "baseline" else (lambda b: engine.train_step(b, 1e-4))
@@ -198,6 +204,33 @@ def measure(variant: str, section: str, args) -> dict:
         result.update(images=images, generate_s=time.perf_counter() - started)
     result["torch_peak_gib"] = torch_peak_gib()
     return result
+
+
+def numbers_to_check(variant: str, engine, model_dir: Path, latent: tuple, args) -> dict:
+    """Three training steps' losses, then one batch of images, on fixed inputs: saved for ``compare``."""
+    losses = [engine.train_step(batch, 1e-4) for batch in train_batches(model_dir, args.resolution, latent, 3)]
+    request = next(generate_requests(args.resolution, latent, args.batch, args.batch, args.infer_steps))
+    images = np.stack(engine.generate(request))
+    path = check_file(variant, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, losses=np.stack(losses), images=images)
+    return {"saved": str(path)}
+
+
+def check_file(variant: str, args) -> Path:
+    """Where a variant's check numbers go; named by every setting they depend on."""
+    name = f"{variant}-{args.model}-{args.device}-{args.resolution}px-{args.batch}x{args.infer_steps}.npz"
+    return Path(args.cache) / "check" / name
+
+
+def compare(variant: str, args) -> dict:
+    """How far a variant's numbers are from the fp32 reference's, against the limits for its precision."""
+    ours, ref = np.load(check_file(variant, args)), np.load(check_file(REFERENCE, args))
+    loss_error = float(np.max(np.abs(ours["losses"] - ref["losses"]) / np.abs(ref["losses"])))
+    pixel_error = float(np.mean(np.abs(ours["images"].astype(np.float64) - ref["images"])))
+    loss_limit, pixel_limit = CHECK_LIMITS[VARIANTS[variant].get("mixed_precision", "no")]
+    return {"loss_rel_error": loss_error, "pixel_mean_abs_error": pixel_error, "limits": [loss_limit, pixel_limit],
+            "ok": loss_error <= loss_limit and pixel_error <= pixel_limit}
 
 
 # -- end to end, through the CLI ----------------------------------------------------------------------------
@@ -317,7 +350,7 @@ def table(results: dict) -> str:
             "| --- | --- | --- | --- | --- |"]
     fmt = lambda x, spec: "-" if x is None else format(x, spec)
     for variant, sections in results.items():
-        train, gen, e2e = (sections.get(s, {}) for s in SECTIONS)
+        train, gen, e2e = (sections.get(s, {}) for s in ("train", "generate", "e2e"))
         rows.append(f"| {variant} | {fmt(train.get('steps_per_s'), '.2f')} | "
                     f"{fmt(train.get('gpu_peak_gib'), '.2f')} / {fmt(train.get('torch_peak_gib'), '.2f')} | "
                     f"{fmt(gen.get('generate_s'), '.1f')} | {fmt(e2e.get('e2e_s'), '.1f')} |")
@@ -334,6 +367,13 @@ def table(results: dict) -> str:
             ratios.append(f"generate {b_gen / gen:.2f}x")
         if ratios and variant != "baseline":
             rows.append(f"{variant} vs baseline: " + ", ".join(ratios))
+    for variant, sections in results.items():
+        check = sections.get("check", {})
+        if "ok" in check:
+            rows.append(f"{variant} vs fp32 {REFERENCE}: loss rel error {check['loss_rel_error']:.1e}, images "
+                        f"{check['pixel_mean_abs_error']:.2f} levels: {'ok' if check['ok'] else 'FAIL'}")
+        elif "error" in check:
+            rows.append(f"{variant} check: FAIL ({check['error'][-200:]})")
     return "\n".join(rows)
 
 
@@ -341,7 +381,7 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m jdiff.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="baseline,torch,torch-bf16,jittor",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--sections", default="train,generate,e2e", help=f"comma-separated, from {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default="check,train,generate,e2e", help=f"comma-separated, from {', '.join(SECTIONS)}")
     parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--resolution", type=int, default=512)
@@ -376,9 +416,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_tiny_model(Path(args.cache) / "models", architecture=args.model)
     print(f"model {args.model} ready in {time.perf_counter() - started:.0f} s", flush=True)
     results: dict = {}
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    if "check" in args.sections.split(",") and (REFERENCE in variants or not check_file(REFERENCE, args).exists()):
+        # the reference first, so that every check has it; an earlier run's numbers serve when it is not asked for
+        variants = [REFERENCE] + [v for v in variants if v != REFERENCE]
+    for variant in variants:
         for section in args.sections.split(","):
-            got = end_to_end(variant, args) if section == "e2e" else run_child(variant, section, argv)
+            if section == "check" and variant == "baseline":
+                got = {"skipped": "the baseline draws its own noise; it is the speed reference only"}
+            elif section == "check":
+                got = run_child(variant, section, argv)
+                got = got if "error" in got or variant == REFERENCE else {**got, **compare(variant, args)}
+            elif section == "e2e":
+                got = end_to_end(variant, args)
+            else:
+                got = run_child(variant, section, argv)
             results.setdefault(variant, {})[section] = got
             print(f"{variant:>20} {section:>8}: {json.dumps(got)}", flush=True)
     report = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "child"},
@@ -387,7 +439,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\n{report['machine']}\n{table(results)}")
-    return 0
+    failed = [v for v, sections in results.items() if sections.get("check", {}).get("ok") is False
+              or "error" in sections.get("check", {})]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ python3 -m jdiff.engines.jittor.cuda13 apply 2>&1 | grep -E "nothing to change|v
 step "Jittor fused attention check"
 timeout 1200 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -40
 export PYTHONPATH=$TORCH_PATH
+step "bench: correctness of the speed paths against the fp32 torch engine"
+bench --sections check --variants torch,torch-bf16,torch-bf16-graphs --out "$OUT/check_torch.json"
 step "bench: torch training"
 bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16,torch-bf16-graphs,torch-bf16-compile} --out "$OUT/train_torch.json"
 step "bench: torch generation"
@@ -39,6 +41,6 @@ step "scoring speed"
 python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20
 
 export PYTHONPATH=$JITTOR_PATH
-step "bench: jittor"
-bench --sections train,generate --variants jittor --out "$OUT/jittor.json"
+step "bench: jittor"  # its check compares with the torch reference saved above
+bench --sections check,train,generate --variants jittor --out "$OUT/jittor.json"
 step done

@@ -23,3 +23,15 @@ def test_bench_measures_every_section_and_compares_with_the_baseline(tmp_path, c
     assert (run_dir / "COMPLETE").exists() and len(list((run_dir / "images").glob("*.png"))) == 25
     printed = capsys.readouterr().out
     assert "| torch |" in printed and "torch vs baseline: train" in printed
+
+
+def test_bench_checks_each_speed_path_against_the_fp32_engine(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert main(["--model", "tiny", "--device", "cpu", "--resolution", "64", "--batch", "2", "--infer-steps", "3",
+                 "--sections", "check", "--variants", "torch-bf16", "--cache", str(tmp_path), "--out",
+                 str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["torch", "torch-bf16"]  # the fp32 reference runs first
+    bf16 = results["torch-bf16"]["check"]
+    assert bf16["ok"] and 0 < bf16["loss_rel_error"] <= 3e-2, bf16  # within the limit, and really bf16
+    assert "torch-bf16 vs fp32 torch: loss rel error" in capsys.readouterr().out
