@@ -43,6 +43,7 @@ VARIANTS = {
     "torch-bf16-compile": {"engine": "torch", "mixed_precision": "bf16", "compile": "default"},
     "torch-bf16-graphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "reduce-overhead"},
     "jittor": {"engine": "jittor"},
+    "jittor-fp16": {"engine": "jittor", "mixed_precision": "fp16"},
 }
 SECTIONS = ("train", "generate", "e2e", "check")
 REFERENCE = "torch"  # the fp32 engine every speed path is checked against

@@ -123,8 +123,9 @@ def validate_config(cfg: DictConfig) -> None:
     engine = cfg.engine
     _one_of("engine.name", engine.name, ENGINES)
     _one_of("engine.mixed_precision", engine.mixed_precision, MIXED_PRECISION)
-    _check(engine.name != "jittor" or engine.mixed_precision == "no", "engine.mixed_precision",
-           engine.mixed_precision, "the Jittor engine runs in float32 for now: use no, or engine=torch")
+    _check(engine.name != "jittor" or engine.mixed_precision in ("no", "fp16"), "engine.mixed_precision",
+           engine.mixed_precision,
+           "the Jittor engine runs in float32 (no) or fp16: use one of those, or engine=torch for bf16")
     _one_of("engine.compile", engine.compile, COMPILE_MODES)
     _check(engine.name != "jittor" or engine.compile == "no", "engine.compile", engine.compile,
            "Jittor compiles its kernels itself: use no, or engine=torch")

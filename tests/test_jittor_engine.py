@@ -276,10 +276,10 @@ def test_plain_diffusers_loads_a_jittor_lora(runs, tiny_model_dir):
 
 # -- configuration -------------------------------------------------------------------------------------------
 
-def test_engine_jittor_is_a_valid_choice_and_float32_only(jdiff_root, tiny_model_dir):
+def test_engine_jittor_is_a_valid_choice_without_bf16(jdiff_root, tiny_model_dir):
     validate_config(compose_config(QUICK + ["engine=jittor"], jdiff_root))
     with pytest.raises(ConfigError, match="engine.mixed_precision='bf16'.*float32"):
         validate_config(compose_config(QUICK + ["engine=jittor", "engine.mixed_precision=bf16"], jdiff_root))
     with pytest.raises(EngineError, match="float32"):
-        create_engine("jittor", tiny_model_dir, mixed_precision="fp16")
+        create_engine("jittor", tiny_model_dir, mixed_precision="bf16")
     assert isinstance(create_engine("jittor", tiny_model_dir, device="cpu"), JittorEngine)

@@ -4,6 +4,11 @@ It loads the same diffusers-format folder as the torch engine, by parameter name
 arithmetic in the same order, so the two engines given the same weights and random numbers agree within
 float tolerance (tests/test_jittor_engine.py). Random numbers never come from Jittor: the core passes every
 noise array in. LoRA files are the torch engine's (and diffusers') format, in both directions.
+
+Mixed precision (``mixed_precision=fp16``): the UNet, VAE and text encoder run in float16, the LoRA adapters
+stay float32 (see :mod:`jdiff.engines.jittor.lora`), and the loss and the sampler's arithmetic are float32.
+The model inputs are cast to the model's dtype at the entry points below, so no float32 tensor promotes the
+network back to float32 (Jittor computes a float32-float16 operation in float32).
 """
 
 from __future__ import annotations
@@ -29,16 +34,51 @@ from jdiff.schedule import read_scheduler_config  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"no": "float32", "fp16": "float16"}
+
+
+class DynamicLossScale:
+    """Loss scaling for float16 training: the loss is multiplied by ``scale`` before the backward pass so small
+    gradients do not underflow float16, and the gradients are divided by it again before clipping and the
+    optimizer step. When a gradient comes out inf or nan, the step is skipped and the scale halved; after
+    ``growth_interval`` good steps in a row it doubles (torch's GradScaler's policy)."""
+
+    def __init__(self, scale: float = 2.0 ** 15, growth_interval: int = 200):
+        self.scale = scale
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def backward(self, optimizer: "jt.optim.Optimizer", loss: "jt.Var") -> bool:
+        """The unscaled gradients of ``loss`` into ``optimizer``; False (nothing to step) when they overflowed."""
+        optimizer.backward(loss * self.scale)
+        grads = [g for group in optimizer.param_groups for g in group["grads"]]
+        for g in grads:
+            g.update(g / self.scale)
+        if not np.isfinite(sum(g.sum() for g in grads).item()):  # any inf or nan makes the sum inf or nan
+            optimizer.zero_grad()
+            optimizer.n_step -= 1  # Jittor counts steps in backward(); AdamW's bias correction must see taken ones
+            self.scale /= 2
+            self.good_steps = 0
+            log.info("fp16 gradients overflowed: step skipped, loss scale now %g", self.scale)
+            return False
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= 2
+            self.good_steps = 0
+        return True
+
+
 
 class JittorEngine(Engine):
     name = "jittor"
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                  prediction_type: Optional[str] = None, allow_pickle: bool = False):
-        if mixed_precision != "no":
-            raise EngineError(f"engine.mixed_precision={mixed_precision}: the Jittor engine runs in float32 only for "
-                              "now; use engine.mixed_precision=no, or engine=torch for bf16/fp16.")
+        if mixed_precision not in DTYPES:
+            raise EngineError(f"engine.mixed_precision={mixed_precision}: the Jittor engine runs in float32 (no) or "
+                              "fp16; use one of those, or engine=torch for bf16.")
         use_device(jt, device)
+        self.dtype = DTYPES[mixed_precision]
         self.model_dir = Path(model_dir)
         self.scheduler_config = read_scheduler_config(self.model_dir)
         self._prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
@@ -51,6 +91,10 @@ class JittorEngine(Engine):
         self.text_encoder = CLIPTextModel.from_pretrained(self.model_dir / "text_encoder", allow_pickle)
         self.vae = AutoencoderKL.from_pretrained(self.model_dir / "vae", allow_pickle)
         self.unet = UNet2DConditionModel.from_pretrained(self.model_dir / "unet", allow_pickle)
+        if self.dtype == "float16":  # the base weights only: adapters are added later, in float32
+            for model in (self.text_encoder, self.vae, self.unet):
+                model.float16()
+        self.loss_scale = DynamicLossScale() if self.dtype == "float16" else None
         self.optimizer: Optional[jt.optim.AdamW] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
         self._frozen_prompts: dict[str, jt.Var] = {}  # prompt -> text states, while the encoder is frozen
@@ -118,8 +162,9 @@ class JittorEngine(Engine):
 
     def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> jt.Var:
         """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
-        mean, std = self.vae.encode(jt.array(pixels))
-        return (mean + std * jt.array(posterior_noise) - self.vae.shift_factor) * self.vae.scaling_factor
+        mean, std = self.vae.encode(jt.array(pixels).cast(self.dtype))
+        return (mean.float32() + std.float32() * jt.array(posterior_noise) - self.vae.shift_factor) \
+            * self.vae.scaling_factor
 
     def loss_terms(self, batch: TrainBatch) -> jt.Var:
         """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
@@ -130,7 +175,7 @@ class JittorEngine(Engine):
         a = jt.array(batch.signal).reshape(-1, 1, 1, 1)
         s = jt.array(batch.noise_level).reshape(-1, 1, 1, 1)
         noisy = a * latents + s * noise
-        pred = self.unet(noisy, jt.array(batch.timesteps), states)
+        pred = self.unet(noisy.cast(self.dtype), jt.array(batch.timesteps), states).float32()
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         return ((pred - target) ** 2).mean(dims=(1, 2, 3))
 
@@ -139,7 +184,10 @@ class JittorEngine(Engine):
             group["lr"] = lr * group["lr_ratio"]
         per_sample = self.loss_terms(batch)
         loss = (per_sample * jt.array(batch.weights)).sum()
-        self.optimizer.backward(loss)
+        if self.loss_scale is None:
+            self.optimizer.backward(loss)
+        elif not self.loss_scale.backward(self.optimizer, loss):
+            return per_sample.numpy()  # overflow: no step this time, a smaller scale next time
         if self.settings.max_grad_norm > 0:
             self.optimizer.clip_grad_norm(self.settings.max_grad_norm)
         self.optimizer.step()
@@ -170,12 +218,12 @@ class JittorEngine(Engine):
         for t in timesteps:
             model_input = jt.concat([latents, latents]) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)
-            pred = self.unet(model_input, jt.array([int(t)]), states)
+            pred = self.unet(model_input.cast(self.dtype), jt.array([int(t)]), states).float32()
             if guided:
                 uncond, text = pred[:n], pred[n:]
                 pred = uncond + req.guidance_scale * (text - uncond)
             latents = sampler.step(pred, t, latents)
             latents.sync()  # run each step as it comes, not as one graph over all steps
-        images = self.vae.decode(latents / self.vae.scaling_factor + self.vae.shift_factor)
-        images = (images * 0.5 + 0.5).clamp(0, 1).transpose(0, 2, 3, 1).numpy()
+        images = self.vae.decode((latents / self.vae.scaling_factor + self.vae.shift_factor).cast(self.dtype))
+        images = (images.float32() * 0.5 + 0.5).clamp(0, 1).transpose(0, 2, 3, 1).numpy()
         return [(im * 255).round().astype(np.uint8) for im in images]

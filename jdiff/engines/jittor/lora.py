@@ -4,6 +4,10 @@ The adapted layer keeps peft's names (``<module>.base_layer``, ``<module>.lora_A
 the adapter weights are ``<module>.lora_A.weight`` (rank x in) and ``<module>.lora_B.weight`` (out x rank),
 the keys of a diffusers LoRA file (see :mod:`jdiff.lora_file`). Layers are chosen the way peft chooses them:
 a linear layer whose name is a target, or ends with ``.`` + a target (``to_q``, ``to_out.0``, ``q_proj``).
+
+The adapter stays float32 when the base model runs in half precision (engine.mixed_precision): its branch
+computes in float32 and is added to the base output in the base output's dtype, so the optimizer updates
+float32 weights (fp32 master weights) and a float32 model computes exactly as without the casts.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class LoraLinear(nn.Module):
         return self.alpha / self.rank
 
     def execute(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scale
+        base = self.base_layer(x)
+        return base + (self.lora_B(self.lora_A(x.float32())) * self.scale).cast(base.dtype)
 
     def set_weights(self, down: np.ndarray, up: np.ndarray) -> None:
         self.lora_A.weight.assign(jt.array(np.asarray(down, dtype=np.float32)))
