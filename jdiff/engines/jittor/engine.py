@@ -68,7 +68,6 @@ class DynamicLossScale:
         return True
 
 
-
 class JittorEngine(Engine):
     name = "jittor"
 
