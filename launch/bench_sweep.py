@@ -3,6 +3,7 @@
     python launch/bench_sweep.py                    # CPU: n_jobs=1, then n_jobs=2 (no GPU)
     python launch/bench_sweep.py --gpus 0,1         # a 2-GPU machine: gpus=[0], then gpus=[0,1]
     python launch/bench_sweep.py --runs 8 --train-steps 20 --threads 1
+    python launch/bench_sweep.py --gpus 0,1 engine=torch   # extra arguments: overrides for every run
 
 Each sweep is the real command (``python -m jdiff.main -m ...``, joblib launcher, a process per run) in a
 scratch root. A one-run warm-up first builds the tiny model, the demo styles and the class images, so the
@@ -46,12 +47,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="engine.threads per run (default: all cores)")
     parser.add_argument("--gpus", default=None, help="two GPU ids, e.g. 0,1: compare one GPU with both")
     parser.add_argument("--root", type=Path, default=None, help="scratch root (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. engine=torch")
     args = parser.parse_args()
 
     root = args.root or Path(tempfile.mkdtemp(prefix="jdiff-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     common = ["experiment=demo", f"train.steps={args.train_steps}", f"infer.steps={args.infer_steps}",
-              "prior.images_per_object=1"]
+              "prior.images_per_object=1", *args.overrides]
     if args.threads:
         common.append(f"engine.threads={args.threads}")
     if args.gpus:

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md, in one go, on a machine like the device machine (one H100/H200,
-# CUDA 13, Python 3.12 with torch; no internet). Wheels for what is missing there (diffusers, hydra-core,
-# omegaconf, antlr4, hydra-joblib-launcher, joblib, jittor, astunparse, six, numpy 1.26) in .whl/.
-# Writes logs and JSON into ${OUT:-gpu_out}/. PyTorch parts first, then Jittor (patch, attention, engine).
+# The GPU measurements of docs/benchmarks.md, in one go, on a machine like the device machine (CUDA 13, Python
+# 3.12 with torch, no internet; one GPU, or two for the sweep parts). Wheels for what is missing there
+# (diffusers, hydra-core, omegaconf, antlr4, hydra-joblib-launcher, joblib, jittor, astunparse, six, numpy 1.26)
+# in .whl/. Logs and JSON go to ${OUT:-gpu_out}/, packed at the end into results.tar.gz.
+#   1. sweeps (#5): 1 GPU vs 2 GPUs, and the determinism check (torch)
+#   2. two tracks, at once when there are two GPUs (else one after the other):
+#      torch on GPU 0: checks, training, scoring speed (#4), generation, one style end to end, a profile
+#      Jittor on the last GPU: the CUDA 13 patch, the fused-attention check (ATTENTION=1), the engine bench,
+#      determinism
+# Stops starting new steps after ${DEADLINE_MIN:-17} minutes, so that what was measured comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+OUT=$(realpath -m "${OUT:-gpu_out}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+END=$(( $(date +%s) + 60 * ${DEADLINE_MIN:-17} ))
 step() { echo; echo "=== $* ($(date +%T))"; }
+late() { [ "$(date +%s)" -ge "$END" ] && echo "=== skipped, past the deadline: $*"; }
 bench() { python3 -m jdiff.bench "$@" 2>&1 | grep -v "^\[\|it/s\]" | tail -25; }
 
 step install
@@ -18,29 +26,63 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 TORCH_PATH=/tmp/site:$PWD
 JITTOR_PATH=/tmp/np1:/tmp/site:$PWD
 export PYTHONPATH=$TORCH_PATH
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+GPUS=$(nvidia-smi -L | wc -l); LAST=$((GPUS - 1))
 python3 -c "import torch, numpy, diffusers; print('torch', torch.__version__, 'numpy', numpy.__version__, 'diffusers', diffusers.__version__)"
+python3 -c "from jdiff.tiny_model import ensure_tiny_model; ensure_tiny_model('data/cache/bench/models', architecture='sd21_random')"
 
-export PYTHONPATH=$JITTOR_PATH
-step "Jittor on CUDA 13: patch and verify"
-python3 -m jdiff.engines.jittor.cuda13 apply > "$OUT/cuda13_apply.txt" 2>&1; grep -v "^\[i\|^\[w\|^ " "$OUT/cuda13_apply.txt" | head -60
-python3 -m jdiff.engines.jittor.cuda13 apply 2>&1 | grep -E "nothing to change|verified|FAILED"  # idempotent
-step "Jittor fused attention check"
-timeout 1200 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -40
-export PYTHONPATH=$TORCH_PATH
-step "bench: correctness of the speed paths against the fp32 torch engine"
-bench --sections check --variants torch,torch-bf16,torch-bf16-graphs --out "$OUT/check_torch.json"
-step "bench: torch training"
-bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16,torch-bf16-graphs,torch-bf16-compile} --out "$OUT/train_torch.json"
-step "bench: torch generation"
-bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16} --out "$OUT/generate_torch.json"
-step "bench: one style end to end"
-bench --sections e2e --variants ${E2E:-torch-bf16} --out "$OUT/e2e.json"
+if [ "$GPUS" -ge 2 ]; then
+  step "sweeps: one GPU, then two"
+  python3 launch/bench_sweep.py --runs 4 --gpus 0,1 engine=torch 2>&1 | tail -8
+fi
+step "determinism, engine=torch"
+python3 launch/check_determinism.py --engine torch --out "$OUT/determinism_torch.json" 2>&1 | tail -12
 
-step "scoring speed"
-python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20
+torch_track() {
+  export PYTHONPATH=$TORCH_PATH CUDA_VISIBLE_DEVICES=0
+  step "bench: the speed paths against the fp32 torch engine"
+  bench --sections check --variants torch,torch-bf16-graphs --out "$OUT/check_torch.json"
+  touch "$OUT/reference_ready"
+  late "torch training" || { step "bench: torch training"
+    bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-graphs} --out "$OUT/train_torch.json"; }
+  late "scoring" || { step "scoring speed"
+    python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20; }
+  late "torch generation" || { step "bench: torch generation"
+    bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16,torch-bf16-graphs} --out "$OUT/generate_torch.json"; }
+  late "end to end" || { step "bench: one style end to end"
+    bench --sections e2e --variants ${E2E:-torch-bf16-graphs} --out "$OUT/e2e.json"; }
+  late "profile" || { step "profile: torch-bf16-graphs"
+    python3 launch/profile_train.py --variant torch-bf16-graphs 2>&1 | grep -v "^\[" | head -60; }
+  step "torch track done"
+}
 
-export PYTHONPATH=$JITTOR_PATH
-step "bench: jittor"  # its check compares with the torch reference saved above
-bench --sections check,train,generate --variants jittor --out "$OUT/jittor.json"
+jittor_track() {
+  export PYTHONPATH=$JITTOR_PATH CUDA_VISIBLE_DEVICES=$LAST
+  step "Jittor on CUDA 13: patch and verify"
+  python3 -m jdiff.engines.jittor.cuda13 apply > "$OUT/cuda13_apply.txt" 2>&1; grep -v "^\[i\|^\[w\|^ " "$OUT/cuda13_apply.txt" | head -40
+  python3 -m jdiff.engines.jittor.cuda13 apply 2>&1 | grep -E "nothing to change|verified|FAILED"  # idempotent
+  if [ -n "${ATTENTION:-}" ]; then
+    step "Jittor fused attention check"
+    timeout 600 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -30
+  fi
+  while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done  # the torch reference
+  for variant in jittor jittor-fp16; do
+    late "$variant" || { step "bench: $variant"
+      bench --sections check,train,generate --variants $variant --out "$OUT/$variant.json"; }
+  done
+  late "jittor determinism" || { step "determinism, engine=jittor"
+    python3 launch/check_determinism.py --engine jittor --gpus $LAST --out "$OUT/determinism_jittor.json" 2>&1 | tail -12; }
+  step "jittor track done"
+}
+
+if [ "$GPUS" -ge 2 ]; then
+  torch_track > "$OUT/torch.log" 2>&1 &
+  jittor_track > "$OUT/jittor.log" 2>&1 &
+  wait
+else
+  torch_track > "$OUT/torch.log" 2>&1
+  jittor_track > "$OUT/jittor.log" 2>&1
+fi
+cat "$OUT/torch.log" "$OUT/jittor.log"
+(cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz *.json *.log *.txt 2>/dev/null)
 step done

@@ -97,8 +97,12 @@ class TorchEngine(Engine):
             model.requires_grad_(False)
             model.eval()
             model.to(self.device)
-        if compile != "no":  # compiled at the first call, after the LoRA layers are in; names stay the same
+        # Compiled at the first call, after the LoRA layers are in; module names stay the same. The VAE encoder
+        # runs every training step (the augmented images change), so it is compiled too.
+        self.graphs = compile in ("reduce-overhead", "max-autotune")  # these modes replay CUDA graphs
+        if compile != "no":
             self.unet.compile(mode=compile)
+            self.vae.encoder.compile(mode=compile)
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -195,6 +199,14 @@ class TorchEngine(Engine):
         dist = self.vae.encode(pixels).latent_dist
         return (dist.mean + dist.std * posterior_noise - self.vae_shift) * self.vae_scale
 
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction. Under CUDA graphs its output lives in the graph's memory pool, where the next
+        replay overwrites it: each call starts a new graph step, and the output is copied out."""
+        if not self.graphs:
+            return self.unet(latents, timesteps, encoder_hidden_states=states).sample
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.unet(latents, timesteps, encoder_hidden_states=states).sample.clone()
+
     def loss_terms(self, batch: TrainBatch) -> torch.Tensor:
         """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
         with torch.no_grad():
@@ -205,7 +217,7 @@ class TorchEngine(Engine):
         s = self._tensor(batch.noise_level, torch.float32).view(-1, 1, 1, 1)
         noisy = a * latents + s * noise
         timesteps = torch.from_numpy(batch.timesteps).to(self.device)
-        pred = self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=states).sample.float()
+        pred = self.predict(noisy.to(self.dtype), timesteps, states).float()
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         return ((pred - target) ** 2).mean(dim=(1, 2, 3))
 
@@ -263,7 +275,7 @@ class TorchEngine(Engine):
         for t in timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)
-            pred = self.unet(model_input, t, encoder_hidden_states=states).sample
+            pred = self.predict(model_input, t, states)
             if guided:
                 uncond, text = pred.chunk(2)
                 pred = uncond + req.guidance_scale * (text - uncond)
