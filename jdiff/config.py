@@ -123,7 +123,11 @@ class ScoreConfig:
     allow_download: bool = False  # fetch missing metric weights (otherwise only local files and caches are used)
     # Hugging Face hub ids or local folders.
     dinov2_model: str = "facebook/dinov2-base"
-    clip_iqa_model: str = "openai/clip-vit-base-patch16"
+    # CLIP-IQA: OpenAI's RN50.pt as the checker's torchmetrics/piq loaded it (a path, or a file name in
+    # ~/.cache/clip), another .pt/.safetensors CLIP ResNet in OpenAI's layout, or a transformers CLIP
+    # (folder or hub id). The tokenizer (a folder or hub id) serves the OpenAI-layout weights.
+    clip_iqa_model: str = "RN50.pt"
+    clip_iqa_tokenizer: str = "openai/clip-vit-base-patch16"
     clip_r_model: str = "openai/clip-vit-large-patch14"
     # .pth state dicts: a path, or a file name in torch's hub cache (~/.cache/torch/hub/checkpoints).
     lpips_backbone: str = "squeezenet1_1-b8a52dc0.pth"  # torchvision's SqueezeNet 1.1

@@ -12,8 +12,8 @@ Prints numbers, checks nothing. Measured, in one process on the same images:
 * the checker's way for the two pairwise metrics on one style: both images of every (generated,
   reference) pair through the model, pair by pair, against jdiff's one pass per image.
 
-``--size full`` builds CLIP ViT-L/14, DINOv2-base and the full FID Inception with random weights (speed
-does not depend on weight values); LPIPS SqueezeNet is full size either way. Generated images are random
+``--size full`` builds CLIP ViT-L/14, CLIP RN50, DINOv2-base and the full FID Inception with random weights
+(speed does not depend on weight values); LPIPS SqueezeNet is full size either way. Generated images are random
 smooth 512x512 images; references come from ``--data`` (challenge-layout styles) or the demo styles.
 """
 
@@ -34,18 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff.data import load_style  # noqa: E402
 from jdiff.scoring.final import METRICS, final_score  # noqa: E402
 from jdiff.scoring.scorer import Scorer, StyleImages  # noqa: E402
-from jdiff.scoring.tiny_models import ensure_tiny_metric_models  # noqa: E402
+from jdiff.scoring.tiny_models import TINY_METRICS_VERSION, ensure_tiny_metric_models  # noqa: E402
 
 
 def build_full_size(folder: Path) -> Path:
-    """CLIP ViT-L/14 and DINOv2-base architectures (random weights) beside the tiny models' LPIPS/Inception."""
+    """CLIP ViT-L/14, CLIP RN50 and DINOv2-base architectures (random weights), the full FID Inception, and
+    the LPIPS SqueezeNet (full size in the tiny set too)."""
     import torch
     from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
+    from jdiff.scoring.clip_resnet import RN50_SHAPE
     from jdiff.scoring.fid import InceptionFeatures
+    from jdiff.scoring.tiny_models import save_clip_resnet_archive
 
     tiny = ensure_tiny_metric_models(folder)
-    full = folder / "full"
+    full = folder / f"full-v{TINY_METRICS_VERSION}"
     if (full / "done").is_file():
         return full
     full.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,7 @@ def build_full_size(folder: Path) -> Path:
     preprocessor.update(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})
     (full / "dinov2" / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     torch.save(InceptionFeatures(2048).state_dict(), full / "inception.pth")
+    save_clip_resnet_archive(full / "clip_rn50.pt", RN50_SHAPE, torch.Generator().manual_seed(0))
     for name in ("squeezenet1_1.pth", "squeeze.pth"):
         (full / name).write_bytes((tiny / name).read_bytes())
     (full / "done").write_text("")
@@ -78,7 +82,8 @@ def build_full_size(folder: Path) -> Path:
 def settings(models: Path, device: str, metrics=METRICS, batch_size: int = 25) -> SimpleNamespace:
     return SimpleNamespace(
         metrics=list(metrics), device=device, batch_size=batch_size, allow_download=False,
-        dinov2_model=str(models / "dinov2"), clip_iqa_model=str(models / "clip"), clip_r_model=str(models / "clip"),
+        dinov2_model=str(models / "dinov2"), clip_iqa_model=str(models / "clip_rn50.pt"),
+        clip_iqa_tokenizer=str(models / "clip"), clip_r_model=str(models / "clip"),
         lpips_backbone=str(models / "squeezenet1_1.pth"), lpips_head=str(models / "squeeze.pth"),
         fid_weights=str(models / "inception.pth"), fid_feature=64, clip_r_names=None)
 

@@ -111,8 +111,13 @@ def test_dinov2_is_the_mean_pairwise_cosine_of_pooled_outputs(tiny_metrics, two_
 
 # -- CLIP-IQA ------------------------------------------------------------------------------------------------
 
-def test_clip_iqa_is_the_good_photo_probability(tiny_metrics, two_styles, scored):
+def test_clip_iqa_with_a_transformers_clip_is_the_good_photo_probability(tiny_metrics, two_styles):
+    """A transformers CLIP as torchmetrics uses one given by hub id (the default, OpenAI's RN50, is checked
+    against torchmetrics and piq in test_clip_iqa.py)."""
     from transformers import CLIPModel, CLIPProcessor
+
+    result = Scorer(settings_for(tiny_metrics, clip_iqa_model=str(tiny_metrics / "clip"), metrics=["clip_iqa"])
+                    ).score(two_styles)
 
     processor = CLIPProcessor.from_pretrained(tiny_metrics / "clip")
     model = CLIPModel.from_pretrained(tiny_metrics / "clip").eval()
@@ -129,9 +134,9 @@ def test_clip_iqa_is_the_good_photo_probability(tiny_metrics, two_styles, scored
         features = features / features.norm(dim=-1, keepdim=True)
         probs = (100 * features @ anchors.T).softmax(dim=-1)[:, 0]  # torchmetrics: P("Good photo.")
         per_style.append(probs.mean().item())
-        assert scored[1].per_style[style.style_id]["clip_iqa"] == pytest.approx(per_style[-1], abs=1e-5)
-    assert scored[1].metrics["clip_iqa"] == pytest.approx(np.mean(per_style), abs=1e-5)
-    assert 0.0 <= scored[1].metrics["clip_iqa"] <= 1.0
+        assert result.per_style[style.style_id]["clip_iqa"] == pytest.approx(per_style[-1], abs=1e-5)
+    assert result.metrics["clip_iqa"] == pytest.approx(np.mean(per_style), abs=1e-5)
+    assert 0.0 <= result.metrics["clip_iqa"] <= 1.0
 
 
 # -- CLIP-R --------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The two CLIP metrics, with the checker's semantics.
 
-CLIP-IQA (torchmetrics ``CLIPImageQualityAssessment(prompts=("quality",))`` with a transformers CLIP
-model): per image, ``softmax(100 * [cos(image, "Good photo."), cos(image, "Bad photo.")])[0]``; the metric
-is the mean over images.
+CLIP-IQA (torchmetrics ``CLIPImageQualityAssessment(prompts=("quality",))``): per image,
+``softmax(100 * [cos(image, "Good photo."), cos(image, "Bad photo.")])[0]``; the metric is the mean over
+images. The checker's model is OpenAI's CLIP RN50 (:mod:`jdiff.scoring.clip_resnet`); a transformers CLIP
+given instead is embedded as torchmetrics does it for a hub model id (:class:`ClipEmbedder`).
 
 CLIP-R (``openai/clip-vit-large-patch14``): each generated image is compared with the bare, lower-cased
 object names of ``clip_r_prompts.txt`` plus its own object (each name once). A hit when its own object is
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from jdiff.scoring.preprocess import ModelImageTransform
+from jdiff.scoring.preprocess import PretrainedImageModel
 
 QUALITY_PROMPTS = ("Good photo.", "Bad photo.")
 # torchmetrics scales CLIP-IQA's cosines by a fixed 100 (not the model's logit scale).
@@ -26,23 +27,19 @@ CLIP_IQA_LOGIT_SCALE = 100.0
 CLIP_R_TOP_K = 5
 
 
-class ClipEmbedder:
+class ClipEmbedder(PretrainedImageModel):
     """Unit-length CLIP image and text embeddings (projections of the pooled outputs)."""
 
     def __init__(self, folder: Path, device: torch.device, batch_size: int):
         from transformers import CLIPModel, CLIPTokenizer
 
-        self.model = CLIPModel.from_pretrained(folder).eval().to(device)
+        super().__init__(CLIPModel, folder, device, batch_size)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
-        self.transform = ModelImageTransform.from_folder(folder)
-        self.device = device
-        self.batch_size = batch_size
 
     @torch.no_grad()
     def images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         rows = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = torch.from_numpy(self.transform.batch(images[start : start + self.batch_size])).to(self.device)
+        for pixels in self.pixel_batches(images):
             # vision_model + visual_projection: what get_image_features returns in transformers 4 and 5 alike
             pooled = self.model.vision_model(pixel_values=pixels).pooler_output
             rows.append(self.model.visual_projection(pooled).float().cpu())

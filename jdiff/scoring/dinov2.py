@@ -9,25 +9,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from jdiff.scoring.preprocess import ModelImageTransform
+from jdiff.scoring.preprocess import PretrainedImageModel
 
 
-class Dinov2Features:
+class Dinov2Features(PretrainedImageModel):
     def __init__(self, folder: Path, device: torch.device, batch_size: int):
         from transformers import Dinov2Model
 
-        self.model = Dinov2Model.from_pretrained(folder).eval().to(device)
-        self.transform = ModelImageTransform.from_folder(folder)
-        self.device = device
-        self.batch_size = batch_size
+        super().__init__(Dinov2Model, folder, device, batch_size)
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """One pooled feature row per image."""
-        rows = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = torch.from_numpy(self.transform.batch(images[start : start + self.batch_size]))
-            rows.append(self.model(pixel_values=pixels.to(self.device)).pooler_output.float().cpu())
+        rows = [self.model(pixel_values=pixels).pooler_output.float().cpu() for pixels in self.pixel_batches(images)]
         return torch.cat(rows).numpy()
 
 

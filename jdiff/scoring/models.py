@@ -8,9 +8,10 @@ Two kinds of weights:
 
 * transformers models (CLIP, DINOv2): a folder, or a hub id such as ``facebook/dinov2-base`` looked up
   in the Hugging Face cache (``huggingface-cli download <id>`` puts it there);
-* single ``.pth`` state dicts (the LPIPS SqueezeNet and its linear head, the FID Inception network): a
-  path, or a bare file name looked up in torch's hub cache (``~/.cache/torch/hub/checkpoints/``), where
-  torchvision, torchmetrics and torch-fidelity keep the very same files.
+* single weight files (the LPIPS SqueezeNet and its linear head, the FID Inception network): a path, or a
+  bare file name looked up in torch's hub cache (``~/.cache/torch/hub/checkpoints/``), where torchvision,
+  torchmetrics and torch-fidelity keep the very same files; CLIP-IQA's ``RN50.pt`` in ``~/.cache/clip/``,
+  where OpenAI's clip package and piq keep it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Optional
 
 
 class MetricUnavailable(RuntimeError):
@@ -50,8 +52,10 @@ def looks_like_hub_id(spec: str) -> bool:
     return not spec.startswith((".", "/", "~")) and spec.count("/") == 1
 
 
-def hub_folder(metric: str, key: str, spec: str, allow_download: bool) -> Path:
-    """The local folder of a transformers model given as a folder or a hub id (``key`` names the config key)."""
+def hub_folder(metric: str, key: str, spec: str, allow_download: bool,
+               files: tuple[str, ...] = ("*.json", "*.txt", "*.safetensors")) -> Path:
+    """The local folder of a transformers model given as a folder or a hub id (``key`` names the config key);
+    a download fetches only ``files``."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         return path
@@ -62,7 +66,7 @@ def hub_folder(metric: str, key: str, spec: str, allow_download: bool) -> Path:
     offline = _offline(allow_download)
     try:
         return Path(snapshot_download(spec, local_files_only=offline,
-                                      allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+                                      allow_patterns=list(files)))
     except Exception as err:  # huggingface_hub raises several unrelated types for "not available"
         how = (f"not in the Hugging Face cache and downloads are off. Get it once with `huggingface-cli download "
                f"{spec}`, set {key}=/path/to/folder, or pass score.allow_download=true"
@@ -70,9 +74,10 @@ def hub_folder(metric: str, key: str, spec: str, allow_download: bool) -> Path:
         raise MetricUnavailable(metric, f"{key}={spec}: {how}.") from err
 
 
-def weight_file(metric: str, key: str, spec: str, url: str, allow_download: bool) -> Path:
-    """A ``.pth`` state dict given as a path or as a file name in torch's hub cache (downloaded from ``url``
-    into that cache only when downloads are allowed)."""
+def weight_file(metric: str, key: str, spec: str, url: str, allow_download: bool,
+                cache: Optional[Path] = None) -> Path:
+    """A weights file given as a path or as a file name in ``cache`` (default: torch's hub cache),
+    downloaded from ``url`` into that cache only when downloads are allowed."""
     path = Path(os.path.expanduser(spec))
     if path.is_file():
         return path
@@ -80,7 +85,8 @@ def weight_file(metric: str, key: str, spec: str, url: str, allow_download: bool
         raise MetricUnavailable(metric, f"{key}={spec}: no such file.")
     import torch
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / spec
+    folder = Path(torch.hub.get_dir()) / "checkpoints" if cache is None else cache.expanduser()
+    cached = folder / spec
     if cached.is_file():
         return cached
     if _offline(allow_download):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -68,6 +68,36 @@ class ModelImageTransform:
 
     def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return np.stack([self(im) for im in images])
+
+
+class PretrainedImageModel:
+    """A transformers image model (``model_class``) from ``folder``, with the folder's preprocessing, run in
+    batches of ``batch_size`` on ``device``."""
+
+    def __init__(self, model_class, folder: Path, device, batch_size: int):
+        self.model = model_class.from_pretrained(folder).eval().to(device)
+        self.transform = ModelImageTransform.from_folder(folder)
+        self.device = device
+        self.batch_size = batch_size
+
+    def pixel_batches(self, images: Sequence[np.ndarray]):
+        """Model inputs (torch tensors on the device), ``batch_size`` images at a time, in order."""
+        import torch
+
+        for start in range(0, len(images), self.batch_size):
+            yield torch.from_numpy(self.transform.batch(images[start : start + self.batch_size])).to(self.device)
+
+
+def batches_by_shape(images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """``(indices, stacked images)``: batches of at most ``batch_size`` images of one shape, for models that
+    take images at their own size."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            yield chunk, np.stack([images[i] for i in chunk])
 
 
 def lpips_input(image: np.ndarray) -> np.ndarray:

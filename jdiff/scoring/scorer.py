@@ -121,22 +121,32 @@ class Scorer:
         return self._models[metric]
 
     def _load(self, metric: str) -> tuple[Any, str]:
+        from jdiff.scoring.clip_resnet import is_openai_weights
         from jdiff.scoring.models import fingerprint, hub_folder, weight_file
 
         s, bs = self.settings, int(self.settings.batch_size)
+        if metric == "clip_iqa" and is_openai_weights(s.clip_iqa_model):
+            from jdiff.scoring.clip_resnet import OPENAI_CLIP_CACHE, RN50_URL, ClipResNetEmbedder
+
+            weights = weight_file(metric, "score.clip_iqa_model", s.clip_iqa_model, RN50_URL, s.allow_download,
+                                  cache=OPENAI_CLIP_CACHE)
+            tokenizer = hub_folder(metric, "score.clip_iqa_tokenizer", s.clip_iqa_tokenizer, s.allow_download,
+                                   files=("*.json", "*.txt"))
+            return self._construct(metric, lambda: ClipResNetEmbedder(metric, weights, tokenizer, self.device, bs),
+                                   weights, tokenizer)
         if metric in ("clip_iqa", "clip_r"):
             spec = s.clip_iqa_model if metric == "clip_iqa" else s.clip_r_model
             if spec not in self._clip_models:  # one model serves both metrics when they name the same one
                 from jdiff.scoring.clip import ClipEmbedder
 
                 folder = hub_folder(metric, f"score.{metric}_model", spec, s.allow_download)
-                self._clip_models[spec] = self._construct(metric, folder, lambda: ClipEmbedder(folder, self.device, bs))
+                self._clip_models[spec] = self._construct(metric, lambda: ClipEmbedder(folder, self.device, bs), folder)
             return self._clip_models[spec]
         if metric == "dinov2":
             from jdiff.scoring.dinov2 import Dinov2Features
 
             folder = hub_folder(metric, "score.dinov2_model", s.dinov2_model, s.allow_download)
-            return self._construct(metric, folder, lambda: Dinov2Features(folder, self.device, bs))
+            return self._construct(metric, lambda: Dinov2Features(folder, self.device, bs), folder)
         if metric == "lpips":
             from jdiff.scoring.lpips import load_lpips
 
@@ -152,13 +162,15 @@ class Scorer:
         raise ValueError(f"{metric} needs no model")
 
     @staticmethod
-    def _construct(metric: str, folder: Path, build: Callable[[], Any]) -> tuple[Any, str]:
+    def _construct(metric: str, build: Callable[[], Any], *paths: Path) -> tuple[Any, str]:
+        """``(build(), fingerprint of paths)``; a model whose files cannot be read is unavailable."""
         from jdiff.scoring.models import fingerprint
 
         try:
-            return build(), fingerprint(folder)
+            return build(), fingerprint(*paths)
         except (OSError, ValueError) as err:  # transformers: missing or unreadable files
-            raise MetricUnavailable(metric, f"cannot load the model in {folder}: {err}") from err
+            where = ", ".join(str(p) for p in paths)
+            raise MetricUnavailable(metric, f"cannot load the model in {where}: {err}") from err
 
     # -- scoring -----------------------------------------------------------------------------------------
 
@@ -255,18 +267,12 @@ class Scorer:
         """Features in image order; images of one size go through together (the network resizes to 299)."""
         import torch
 
-        rows: list[Optional[np.ndarray]] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(im.shape, []).append(i)
-        bs = int(self.settings.batch_size)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), bs):
-                chunk = indices[start : start + bs]
-                batch = torch.from_numpy(np.stack([images[i].transpose(2, 0, 1) for i in chunk])).to(self.device)
-                for i, row in zip(chunk, net(batch).cpu().numpy()):
-                    rows[i] = row
-        return np.stack(rows).astype(np.float64)
+        from jdiff.scoring.preprocess import batches_by_shape
+
+        rows = np.zeros((len(images), net.feature), np.float64)
+        for indices, batch in batches_by_shape(images, int(self.settings.batch_size)):
+            rows[indices] = net(torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)).cpu().numpy()
+        return rows
 
     def _lpips(self, net, generated: Sequence[np.ndarray], refs: Sequence[np.ndarray], key: str) -> float:
         import torch

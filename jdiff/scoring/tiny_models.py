@@ -9,6 +9,8 @@ scoring code loads it through the same path:
     squeezenet1_1.pth   SqueezeNet 1.1 at full size (it is small), torchvision's parameter names
     squeeze.pth         the seven LPIPS linear heads, the lpips package's parameter names
     inception.pth       the FID Inception layers up to ``feature=192``, torch-fidelity's parameter names
+    clip_rn50.pt        a tiny CLIP ResNet as OpenAI's RN50.pt is stored: a TorchScript archive of float16
+                        weights (its tokenizer: the files in clip/)
 
 The same seed gives the same weights. :func:`tiny_score_overrides` gives the ``score.*`` overrides that
 point a run at them.
@@ -17,6 +19,7 @@ point a run at them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-TINY_METRICS_VERSION = 1
+TINY_METRICS_VERSION = 2
 MARKER = "jdiff_tiny_metrics.json"
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -51,9 +54,34 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in**0.5)
 
 
+# Small enough for tests, with two bottlenecks in one stage, several attention heads in both towers and
+# OpenAI's context length.
+TINY_CLIP_RESNET = dict(width=8, layers=(1, 2, 1, 1), embed_dim=16, grid=2, text_width=128, text_layers=2,
+                        context_length=77)
+
+
+def save_clip_resnet_archive(path: Path, shape, generator: torch.Generator) -> None:
+    """A CLIP ResNet of ``shape`` with random weights, written as OpenAI's ``RN50.pt`` is: a TorchScript
+    archive (traced) holding float16 weights under OpenAI's names."""
+    import math
+
+    from jdiff.scoring.clip_resnet import ClipResNet
+
+    model = ClipResNet(shape).eval()
+    _randomise(model, generator)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # what CLIP's training ends at
+        token_ids = torch.zeros(1, shape.context_length, dtype=torch.long)
+        token_ids[0, :2] = torch.tensor([0, shape.vocab_size - 1])
+        # only the text tower is traced; the archive holds every weight all the same
+        archive = torch.jit.trace_module(model, {"encode_text": (token_ids,)}, check_trace=False)
+    torch.jit.save(archive.half(), str(path))
+
+
 def build_tiny_metric_models(folder: Path, seed: int = 0) -> None:
     from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
+    from jdiff.scoring.clip_resnet import ClipResNetShape
     from jdiff.scoring.fid import InceptionFeatures
     from jdiff.scoring.lpips import LpipsSqueeze
     from jdiff.tiny_model import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_tokenizer_files
@@ -94,6 +122,8 @@ def build_tiny_metric_models(folder: Path, seed: int = 0) -> None:
         inception_state = dict(inception.state_dict())
         inception_state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.01  # unused by FID
         torch.save(inception_state, folder / "inception.pth")
+        save_clip_resnet_archive(folder / "clip_rn50.pt", ClipResNetShape(**TINY_CLIP_RESNET, vocab_size=len(vocab)),
+                                 generator)
     (folder / MARKER).write_text(json.dumps({"version": TINY_METRICS_VERSION, "seed": seed}))
 
 
@@ -119,6 +149,7 @@ def ensure_tiny_metric_models(cache_root: Path, seed: int = 0) -> Path:
 def tiny_score_overrides(folder: Path) -> list[str]:
     """Hydra overrides that point every metric at the tiny models in ``folder``."""
     folder = Path(folder)
-    return [f"score.dinov2_model={folder / 'dinov2'}", f"score.clip_iqa_model={folder / 'clip'}",
+    return [f"score.dinov2_model={folder / 'dinov2'}", f"score.clip_iqa_model={folder / 'clip_rn50.pt'}",
+            f"score.clip_iqa_tokenizer={folder / 'clip'}",
             f"score.clip_r_model={folder / 'clip'}", f"score.lpips_backbone={folder / 'squeezenet1_1.pth'}",
             f"score.lpips_head={folder / 'squeeze.pth'}", f"score.fid_weights={folder / 'inception.pth'}"]
