@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from jdiff.config import register_configs
+from jdiff.config import ScoreConfig, register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The demo made shorter still: every stage runs, in a few seconds.
@@ -34,3 +34,24 @@ def tiny_model_dir(jdiff_root) -> Path:
     from jdiff.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(jdiff_root / "data" / "cache" / "models", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_metrics(jdiff_root) -> Path:
+    """Tiny random-weight models of every metric, in their real file formats."""
+    from jdiff.scoring.tiny_models import ensure_tiny_metric_models
+
+    return ensure_tiny_metric_models(jdiff_root / "data" / "cache" / "metric_models")
+
+
+def settings_for(folder: Path, **changes) -> ScoreConfig:
+    """A ScoreConfig on the CPU pointing every metric at the tiny models of ``folder``; ``changes`` on top."""
+    from jdiff.scoring.tiny_models import tiny_score_overrides
+
+    cfg = ScoreConfig(device="cpu", batch_size=4)
+    for override in tiny_score_overrides(folder):
+        key, value = override.split("=", 1)
+        setattr(cfg, key.split(".", 1)[1], value)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg

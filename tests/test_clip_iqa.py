@@ -19,14 +19,9 @@ from jdiff.scoring.clip import QUALITY_PROMPTS
 from jdiff.scoring.clip_resnet import RN50_SHAPE, ClipResNet, ClipResNetEmbedder, ClipResNetShape, load_clip_resnet
 from jdiff.scoring.models import MetricUnavailable
 from jdiff.scoring.scorer import Scorer, StyleImages
-from jdiff.scoring.tiny_models import ensure_tiny_metric_models, tiny_score_overrides
+from conftest import settings_for
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def tiny_metrics(jdiff_root):
-    return ensure_tiny_metric_models(jdiff_root / "data" / "cache" / "metric_models")
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +123,8 @@ def test_text_tower_matches_piq(models, tiny_metrics):
 
 # -- the metric ----------------------------------------------------------------------------------------------
 
-def settings_for(folder, **changes) -> ScoreConfig:
-    cfg = ScoreConfig(device="cpu", batch_size=2, metrics=["clip_iqa"])
-    for override in tiny_score_overrides(folder):
-        key, value = override.split("=", 1)
-        setattr(cfg, key.split(".", 1)[1], value)
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
+def clip_iqa_settings(folder, **changes) -> ScoreConfig:
+    return settings_for(folder, **{"batch_size": 2, "metrics": ["clip_iqa"], **changes})
 
 
 def test_clip_iqa_equals_torchmetrics_on_piqs_model(tiny_metrics, models):
@@ -150,7 +139,7 @@ def test_clip_iqa_equals_torchmetrics_on_piqs_model(tiny_metrics, models):
                           images_of(2, [(40, 40)])),
               StyleImages("01", [(f"o{i}", im) for i, im in enumerate(images_of(3, [(64, 64)] * 3))],
                           images_of(4, [(40, 40)]))]
-    result = Scorer(settings_for(tiny_metrics)).score(styles)
+    result = Scorer(clip_iqa_settings(tiny_metrics)).score(styles)
 
     prompts, names = _clip_iqa_format_prompts(("quality",))
     assert tuple(prompts) == QUALITY_PROMPTS
@@ -197,7 +186,7 @@ def test_weights_of_another_layout_are_refused_with_the_reason(tiny_metrics, tmp
     with pytest.raises(MetricUnavailable, match="holds a CLIP ViT"):
         load_clip_resnet("clip_iqa", tmp_path / "vit.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    result = Scorer(settings_for(tiny_metrics, clip_iqa_model=str(tmp_path / "junk.pt"))).score(
+    result = Scorer(clip_iqa_settings(tiny_metrics, clip_iqa_model=str(tmp_path / "junk.pt"))).score(
         [StyleImages("00", [("o", images_of(6, [(40, 40)])[0])], images_of(7, [(40, 40)]))])
     assert "clip_iqa" not in result.metrics and "cannot read" in result.skipped["clip_iqa"]
 
@@ -205,7 +194,7 @@ def test_weights_of_another_layout_are_refused_with_the_reason(tiny_metrics, tmp
 def test_missing_rn50_offline_says_where_to_put_it_and_the_rest_is_scored(tiny_metrics, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    settings = settings_for(tiny_metrics, clip_iqa_model="RN50.pt", metrics=["hist", "lpips", "clip_iqa", "clip_r"])
+    settings = clip_iqa_settings(tiny_metrics, clip_iqa_model="RN50.pt", metrics=["hist", "lpips", "clip_iqa", "clip_r"])
     styles = [StyleImages("00", [(o, im) for o, im in zip(["Dolphin", "Lion"], images_of(8, [(40, 40)] * 2))],
                           images_of(9, [(40, 40)] * 2))]
     result = Scorer(settings).score(styles)
@@ -220,9 +209,9 @@ def test_missing_rn50_offline_says_where_to_put_it_and_the_rest_is_scored(tiny_m
     (tmp_path / "home" / ".cache" / "clip").mkdir(parents=True)
     (tmp_path / "home" / ".cache" / "clip" / "RN50.pt").write_bytes((tiny_metrics / "clip_rn50.pt").read_bytes())
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    result = Scorer(settings_for(tiny_metrics, clip_iqa_model="RN50.pt",
+    result = Scorer(clip_iqa_settings(tiny_metrics, clip_iqa_model="RN50.pt",
                                  clip_iqa_tokenizer="openai/clip-vit-base-patch16")).score(styles)
     assert "score.clip_iqa_tokenizer=openai/clip-vit-base-patch16" in result.skipped["clip_iqa"]
     assert "huggingface-cli download openai/clip-vit-base-patch16" in result.skipped["clip_iqa"]
-    result = Scorer(settings_for(tiny_metrics, clip_iqa_model="RN50.pt")).score(styles)
+    result = Scorer(clip_iqa_settings(tiny_metrics, clip_iqa_model="RN50.pt")).score(styles)
     assert result.skipped == {} and 0 < result.metrics["clip_iqa"] < 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jdiff.config import ScoreConfig
+from conftest import settings_for
 from jdiff.scoring import final_score
 from jdiff.scoring.clip import QUALITY_PROMPTS, clip_r_hit, load_clip_r_names
 from jdiff.scoring.fid import InceptionFeatures, fid_from_features, frechet_distance, load_inception, resize_like_tf1
@@ -19,23 +19,6 @@ from jdiff.scoring.lpips import TAPS, load_lpips
 from jdiff.scoring.models import MetricUnavailable
 from jdiff.scoring.preprocess import ModelImageTransform, lpips_input
 from jdiff.scoring.scorer import FeatureCache, Scorer, StyleImages
-from jdiff.scoring.tiny_models import ensure_tiny_metric_models, tiny_score_overrides
-
-
-@pytest.fixture(scope="session")
-def tiny_metrics(jdiff_root):
-    return ensure_tiny_metric_models(jdiff_root / "data" / "cache" / "metric_models")
-
-
-def settings_for(folder, **changes) -> ScoreConfig:
-    """A ScoreConfig pointing every metric at the tiny models."""
-    cfg = ScoreConfig(device="cpu", batch_size=4)
-    for override in tiny_score_overrides(folder):
-        key, value = override.split("=", 1)
-        setattr(cfg, key.split(".", 1)[1], value)
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 def random_images(seed: int, n: int, size=(48, 40)) -> list[np.ndarray]:

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import QUICK, compose_config
+from conftest import QUICK, compose_config, settings_for
 from jdiff.demo_data import DEMO_STYLES, write_demo_styles
 from jdiff.pipeline import run
 from jdiff.score import main as score_main
 from jdiff.scoring import final_score
 from jdiff.scoring.scorer import Scorer, StyleImages
 from jdiff.scoring.tiny_models import tiny_score_overrides
-from test_metrics import settings_for, smooth_images, tiny_metrics  # noqa: F401  (fixture)
+from test_metrics import smooth_images
 
 REPO = Path(__file__).resolve().parents[1]
 

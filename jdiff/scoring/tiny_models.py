@@ -63,8 +63,6 @@ TINY_CLIP_RESNET = dict(width=8, layers=(1, 2, 1, 1), embed_dim=16, grid=2, text
 def save_clip_resnet_archive(path: Path, shape, generator: torch.Generator) -> None:
     """A CLIP ResNet of ``shape`` with random weights, written as OpenAI's ``RN50.pt`` is: a TorchScript
     archive (traced) holding float16 weights under OpenAI's names."""
-    import math
-
     from jdiff.scoring.clip_resnet import ClipResNet
 
     model = ClipResNet(shape).eval()

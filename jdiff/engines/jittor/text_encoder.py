@@ -22,7 +22,7 @@ from jittor import nn
 
 from jdiff.engines.base import EngineError
 from jdiff.engines.jittor.blocks import LayerNorm, attention
-from jdiff.engines.jittor.weights import load_weights, read_config
+from jdiff.engines.jittor.weights import build_from_folder
 
 PREFIX = "text_model."
 
@@ -123,10 +123,7 @@ class CLIPTextModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: Path, allow_pickle: bool = False) -> "CLIPTextModel":
-        encoder = cls(read_config(folder))
-        load_weights(encoder, folder, allow_pickle, rename=with_prefix)
-        encoder.eval()
-        return encoder
+        return build_from_folder(cls, folder, allow_pickle, rename=with_prefix)
 
     def execute(self, input_ids: jt.Var) -> jt.Var:
         """The last hidden state, after the final LayerNorm."""

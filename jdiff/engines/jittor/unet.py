@@ -27,7 +27,7 @@ from jittor import nn
 from jdiff.engines.base import EngineError
 from jdiff.engines.jittor.blocks import (Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D, attention,
                                          silu)
-from jdiff.engines.jittor.weights import load_weights, read_config
+from jdiff.engines.jittor.weights import build_from_folder
 
 # Config keys with the value every SD 1.x/2.x UNet has; anything else needs code this file does not have.
 REQUIRED = {
@@ -335,10 +335,7 @@ class UNet2DConditionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: Path, allow_pickle: bool = False) -> "UNet2DConditionModel":
-        unet = cls(read_config(folder))
-        load_weights(unet, folder, allow_pickle)
-        unet.eval()
-        return unet
+        return build_from_folder(cls, folder, allow_pickle)
 
     def execute(self, sample: jt.Var, timesteps, encoder_hidden_states: jt.Var) -> jt.Var:
         """The UNet's prediction (noise or v) for ``sample`` (batch, channels, h, w) at ``timesteps`` (one per

@@ -25,7 +25,7 @@ from jittor import nn
 
 from jdiff.engines.base import EngineError
 from jdiff.engines.jittor.blocks import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention, silu
-from jdiff.engines.jittor.weights import load_weights, read_config
+from jdiff.engines.jittor.weights import build_from_folder
 
 # diffusers' defaults for the config keys SD checkpoints may leave out
 DEFAULTS = {
@@ -181,10 +181,7 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: Path, allow_pickle: bool = False) -> "AutoencoderKL":
-        vae = cls(read_config(folder))
-        load_weights(vae, folder, allow_pickle, rename=modern_attention_name)
-        vae.eval()
-        return vae
+        return build_from_folder(cls, folder, allow_pickle, rename=modern_attention_name)
 
     @property
     def scaling_factor(self) -> float:

@@ -4,6 +4,7 @@ API:
     read_config(folder) -> dict                      <model>/<component>/config.json
     read_weights(folder, allow_pickle=False) -> {name: numpy array}
     load_weights(module, folder, allow_pickle=False, rename=None)
+    build_from_folder(cls, folder, allow_pickle=False, rename=None) -> cls(config), weights loaded, in eval mode
 
 ``folder`` is one component's folder (``<model>/vae``, ``<model>/text_encoder``, ...). The weights are the
 component's ``.safetensors`` file, as diffusers (``diffusion_pytorch_model.safetensors``) or transformers
@@ -129,3 +130,11 @@ def load_weights(module, folder: Path, allow_pickle: bool = False,
                           f"{', '.join(problems)}. Is the config from the same checkpoint as the weights?")
     for name, param in params.items():
         param.assign(stored[name].astype(str(param.dtype), copy=False))
+
+
+def build_from_folder(cls, folder: Path, allow_pickle: bool = False, rename: Optional[Callable[[str], str]] = None):
+    """A component built from its folder's config.json, its weights loaded, in eval mode (``from_pretrained``)."""
+    module = cls(read_config(folder))
+    load_weights(module, folder, allow_pickle, rename=rename)
+    module.eval()
+    return module
