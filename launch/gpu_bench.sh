@@ -7,7 +7,7 @@
 #   2. two tracks, at once when there are two GPUs (else one after the other):
 #      torch on GPU 0: checks, training, scoring speed (#4), generation, one style end to end, a profile
 #      Jittor on the last GPU: the CUDA 13 patch, the fused-attention check (ATTENTION=1), the engine bench,
-#      determinism
+#      a profile, determinism
 # Stops starting new steps after ${DEADLINE_MIN:-17} minutes, so that what was measured comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +70,8 @@ jittor_track() {
     late "$variant" || { step "bench: $variant"
       bench --sections check,train,generate --variants $variant --out "$OUT/$variant.json"; }
   done
+  late "jittor profile" || { step "profile: jittor"
+    python3 launch/profile_train.py --variant jittor --steps 5 2>&1 | tail -30; }
   late "jittor determinism" || { step "determinism, engine=jittor"
     python3 launch/check_determinism.py --engine jittor --gpus $LAST --out "$OUT/determinism_jittor.json" 2>&1 | tail -12; }
   step "jittor track done"
