@@ -169,3 +169,31 @@ def test_a_run_logs_loss_as_style_plus_weighted_prior(jdiff_root, tmp_path):
     for row in csv.DictReader(open(tmp_path / "loss.csv")):
         expected = float(row["style_loss"]) + 0.5 * float(row["prior_loss"])
         assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_text_states_are_encoded_once_per_prompt_only_while_the_encoder_is_frozen(tiny_model_dir, monkeypatch):
+    import torch
+
+    from jdiff.engines.base import LoraSpec
+    from jdiff.engines.torch.engine import TorchEngine
+
+    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine.add_lora(LoraSpec(unet_rank=2, unet_alpha=2, unet_targets=("to_q",)))
+    encoded = []
+    encode = engine.encode_prompts
+    monkeypatch.setattr(engine, "encode_prompts", lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    prompts = ["a style image", "an image of cat", "a style image"]
+    first = engine.training_prompt_states(prompts)
+    again = engine.training_prompt_states(prompts[::-1])
+    assert encoded == [["a style image", "an image of cat"]]  # each prompt once, the second call from memory
+    with torch.no_grad():
+        torch.testing.assert_close(first, encode(prompts), rtol=0, atol=1e-6)
+    assert torch.equal(again, first.flip(0)) and not first.requires_grad
+
+    with_text_lora = TorchEngine(tiny_model_dir, device="cpu")
+    with_text_lora.add_lora(LoraSpec(unet_rank=2, unet_alpha=2, unet_targets=("to_q",), text_encoder_rank=2,
+                                     text_encoder_alpha=2, text_encoder_targets=("q_proj",)))
+    with_text_lora.setup_training(OptimizerSettings(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                                    max_grad_norm=1.0, text_encoder_lr_ratio=1.0))
+    states = with_text_lora.training_prompt_states(prompts)
+    assert states.requires_grad  # an adapted encoder trains: its states are computed every step, with gradients

@@ -132,6 +132,31 @@ class Engine(abc.ABC):
     def save_lora(self, path: Path) -> None:
         """Write the attached adapters in the format diffusers' load_lora_weights reads."""
 
+    # -- the text states of training batches ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: list[str]):
+        """The text encoder's last hidden states for ``prompts``: (B, tokens, width)."""
+
+    @abc.abstractmethod
+    def _states_without_gradients(self, prompts: list[str]) -> list:
+        """One text-state tensor per prompt, computed outside the autograd graph."""
+
+    @abc.abstractmethod
+    def _stack(self, states: list):
+        """Tensors of one shape as one batch tensor."""
+
+    def training_prompt_states(self, prompts: list[str]):
+        """The text states of a training batch. While the text encoder has no adapter its states never change,
+        so each prompt is encoded once and kept."""
+        if "text_encoder" in self.lora_settings:
+            return self.encode_prompts(prompts)
+        kept = self.__dict__.setdefault("_frozen_prompt_states", {})
+        missing = [p for p in dict.fromkeys(prompts) if p not in kept]
+        if missing:
+            kept.update(zip(missing, self._states_without_gradients(missing)))
+        return self._stack([kept[p] for p in prompts])
+
     @abc.abstractmethod
     def setup_training(self, settings: OptimizerSettings) -> None:
         """Freeze everything but the adapters and build the optimizer."""

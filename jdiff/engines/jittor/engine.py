@@ -96,7 +96,6 @@ class JittorEngine(Engine):
         self.loss_scale = DynamicLossScale() if self.dtype == "float16" else None
         self.optimizer: Optional[jt.optim.AdamW] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
-        self._frozen_prompts: dict[str, jt.Var] = {}  # prompt -> text states, while the encoder is frozen
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
@@ -148,16 +147,13 @@ class JittorEngine(Engine):
                              truncation=True, return_tensors="np").input_ids
         return self.text_encoder(jt.array(ids.astype(np.int32)))
 
-    def training_prompt_states(self, prompts: list[str]) -> jt.Var:
-        """The text states of a training batch; computed once per prompt while the text encoder has no adapter."""
-        if "text_encoder" in self.lora_settings:
-            return self.encode_prompts(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._frozen_prompts]
-        if missing:
-            with jt.no_grad():
-                states = self.encode_prompts(missing)
-            self._frozen_prompts.update((p, states[i].stop_grad()) for i, p in enumerate(missing))
-        return jt.stack([self._frozen_prompts[p] for p in prompts])
+    def _states_without_gradients(self, prompts: list[str]) -> list[jt.Var]:
+        with jt.no_grad():
+            states = self.encode_prompts(prompts)
+        return [states[i].stop_grad() for i in range(len(prompts))]
+
+    def _stack(self, states: list[jt.Var]) -> jt.Var:
+        return jt.stack(states)
 
     def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> jt.Var:
         """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""

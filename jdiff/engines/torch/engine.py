@@ -107,7 +107,6 @@ class TorchEngine(Engine):
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
-        self._frozen_prompts: dict[str, torch.Tensor] = {}  # prompt -> text states, while the encoder is frozen
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
@@ -183,16 +182,12 @@ class TorchEngine(Engine):
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
-    def training_prompt_states(self, prompts: list[str]) -> torch.Tensor:
-        """The text states of a training batch; computed once per prompt while the text encoder has no adapter
-        (a frozen encoder gives the same states every step)."""
-        if "text_encoder" in self.lora_settings:
-            return self.encode_prompts(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._frozen_prompts]
-        if missing:
-            with torch.no_grad():
-                self._frozen_prompts.update(zip(missing, self.encode_prompts(missing)))
-        return torch.stack([self._frozen_prompts[p] for p in prompts])
+    @torch.no_grad()
+    def _states_without_gradients(self, prompts: list[str]) -> list[torch.Tensor]:
+        return list(self.encode_prompts(prompts))
+
+    def _stack(self, states: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(states)
 
     def encode_images(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
         """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
