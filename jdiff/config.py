@@ -48,8 +48,8 @@ class EngineConfig:
     # CPU threads for the tensor work; null: every core this process may use. CPU results depend on it
     # (reductions split differently), so it is part of a run's numerical config.
     threads: Optional[int] = None
-    # torch only: torch.compile the UNet with this mode (no, default, reduce-overhead: + CUDA graphs,
-    # max-autotune). The first steps compile (about a minute on a GPU); later steps run faster.
+    # torch only: torch.compile the UNet and the VAE encoder with this mode (no, default, reduce-overhead:
+    # + CUDA graphs, max-autotune). The first steps compile (minutes on a GPU); later steps run faster.
     compile: str = "no"
 
 

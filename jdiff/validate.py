@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from jdiff.config import STAGES
+from jdiff.tiny_model import ARCHITECTURES
 
 ENGINES = ("torch", "jittor")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -146,5 +147,5 @@ def validate_config(cfg: DictConfig) -> None:
                "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
     if cfg.model.prediction_type is not None:
         _one_of("model.prediction_type", cfg.model.prediction_type, PREDICTION_TYPES)
-    _check(cfg.model.builder in (None, "tiny", "sd21_random"), "model.builder", cfg.model.builder,
-           "null, tiny or sd21_random")
+    _check(cfg.model.builder in (None, *ARCHITECTURES), "model.builder", cfg.model.builder,
+           f"null or one of {', '.join(ARCHITECTURES)}")

@@ -177,7 +177,7 @@ def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_pre
 
     ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
     results where the framework has deterministic kernels, at some cost in speed; ``compile``: the
-    torch.compile mode of the torch engine's UNet ("no" for eager).
+    torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager).
     """
     if name == "torch":
         from jdiff.engines.torch.engine import TorchEngine

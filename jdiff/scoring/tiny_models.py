@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from jdiff.scoring.clip_resnet import CLIP_MEAN, CLIP_STD
+
 TINY_METRICS_VERSION = 2
 MARKER = "jdiff_tiny_metrics.json"
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
