@@ -9,6 +9,10 @@
 #      Jittor on the last GPU: the CUDA 13 patch, the fused-attention check (ATTENTION=1), the engine bench,
 #      a profile, determinism
 # Stops starting new steps after ${DEADLINE_MIN:-17} minutes, so that what was measured comes back.
+# Choosing parts (space-separated lists): PARTS (default "sweeps torch jittor"), TORCH_SECTIONS (default
+# "check train scoring generate e2e profile"), JITTOR_SECTIONS (default "bench profile determinism"),
+# JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_BENCH (default "check,train,generate"); variant lists
+# for the torch sections: TORCH_TRAIN, TORCH_GEN, E2E.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu_out}"); mkdir -p "$OUT"
@@ -16,6 +20,7 @@ export PYTHONUNBUFFERED=1
 END=$(( $(date +%s) + 60 * ${DEADLINE_MIN:-17} ))
 step() { echo; echo "=== $* ($(date +%T))"; }
 late() { [ "$(date +%s)" -ge "$END" ] && echo "=== skipped, past the deadline: $*"; }
+want() { [[ " $1 " == *" $2 "* ]]; }  # want LIST ITEM
 bench() { python3 -m jdiff.bench "$@" 2>&1 | grep -v "^\[\|it/s\]" | tail -25; }
 
 step install
@@ -31,28 +36,33 @@ GPUS=$(nvidia-smi -L | wc -l); LAST=$((GPUS - 1))
 python3 -c "import torch, numpy, diffusers; print('torch', torch.__version__, 'numpy', numpy.__version__, 'diffusers', diffusers.__version__)"
 python3 -c "from jdiff.tiny_model import ensure_tiny_model; ensure_tiny_model('data/cache/bench/models', architecture='sd21_random')"
 
-if [ "$GPUS" -ge 2 ]; then
-  step "sweeps: one GPU, then two"
-  python3 launch/bench_sweep.py --runs 4 --gpus 0,1 engine=torch 2>&1 | tail -8
+PARTS=${PARTS:-sweeps torch jittor}
+TS=${TORCH_SECTIONS:-check train scoring generate e2e profile}
+JS=${JITTOR_SECTIONS:-bench profile determinism}
+if want "$PARTS" sweeps; then
+  if [ "$GPUS" -ge 2 ]; then
+    step "sweeps: one GPU, then two"
+    python3 launch/bench_sweep.py --runs 4 --gpus 0,1 engine=torch 2>&1 | tail -8
+  fi
+  step "determinism, engine=torch"
+  python3 launch/check_determinism.py --engine torch --out "$OUT/determinism_torch.json" 2>&1 | tail -12
 fi
-step "determinism, engine=torch"
-python3 launch/check_determinism.py --engine torch --out "$OUT/determinism_torch.json" 2>&1 | tail -12
 
 torch_track() {
   export PYTHONPATH=$TORCH_PATH CUDA_VISIBLE_DEVICES=0
-  step "bench: the speed paths against the fp32 torch engine"
-  bench --sections check --variants torch,torch-bf16-graphs --out "$OUT/check_torch.json"
+  if want "$TS" check; then step "bench: the speed paths against the fp32 torch engine"
+    bench --sections check --variants torch,torch-bf16-graphs --out "$OUT/check_torch.json"; fi
   touch "$OUT/reference_ready"
-  late "torch training" || { step "bench: torch training"
-    bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-graphs} --out "$OUT/train_torch.json"; }
-  late "scoring" || { step "scoring speed"
-    python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20; }
-  late "torch generation" || { step "bench: torch generation"
-    bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16,torch-bf16-graphs} --out "$OUT/generate_torch.json"; }
-  late "end to end" || { step "bench: one style end to end"
-    bench --sections e2e --variants ${E2E:-torch-bf16-graphs} --out "$OUT/e2e.json"; }
-  late "profile" || { step "profile: torch-bf16-graphs"
-    python3 launch/profile_train.py --variant torch-bf16-graphs 2>&1 | grep -v "^\[" | head -60; }
+  want "$TS" train && { late "torch training" || { step "bench: torch training"
+    bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-graphs} --out "$OUT/train_torch.json"; }; }
+  want "$TS" scoring && { late "scoring" || { step "scoring speed"
+    python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20; }; }
+  want "$TS" generate && { late "torch generation" || { step "bench: torch generation"
+    bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16,torch-bf16-graphs} --out "$OUT/generate_torch.json"; }; }
+  want "$TS" e2e && { late "end to end" || { step "bench: one style end to end"
+    bench --sections e2e --variants ${E2E:-torch-bf16-graphs} --out "$OUT/e2e.json"; }; }
+  want "$TS" profile && { late "profile" || { step "profile: torch-bf16-graphs"
+    python3 launch/profile_train.py --variant torch-bf16-graphs 2>&1 | grep -v "^\\[" | head -60; }; }
   step "torch track done"
 }
 
@@ -65,25 +75,30 @@ jittor_track() {
     step "Jittor fused attention check"
     timeout 600 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -30
   fi
-  while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done  # the torch reference
-  for variant in jittor jittor-fp16; do
-    late "$variant" || { step "bench: $variant"
-      bench --sections check,train,generate --variants $variant --out "$OUT/$variant.json"; }
+  if want "$PARTS" torch; then  # the torch reference for the check section
+    while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done
+  fi
+  for variant in ${JITTOR_VARIANTS:-jittor jittor-fp16}; do
+    want "$JS" profile && { late "$variant profile" || { step "profile: $variant"
+      python3 launch/profile_train.py --variant $variant --steps 5 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -40; }; }
   done
-  late "jittor profile" || { step "profile: jittor"
-    python3 launch/profile_train.py --variant jittor --steps 5 2>&1 | tail -30; }
-  late "jittor determinism" || { step "determinism, engine=jittor"
-    python3 launch/check_determinism.py --engine jittor --gpus $LAST --out "$OUT/determinism_jittor.json" 2>&1 | tail -12; }
+  for variant in ${JITTOR_VARIANTS:-jittor jittor-fp16}; do
+    want "$JS" bench && { late "$variant" || { step "bench: $variant"
+      bench --sections ${JITTOR_BENCH:-check,train,generate} --variants $variant --out "$OUT/$variant.json"; }; }
+  done
+  want "$JS" determinism && { late "jittor determinism" || { step "determinism, engine=jittor"
+    python3 launch/check_determinism.py --engine jittor --gpus $LAST --out "$OUT/determinism_jittor.json" 2>&1 | tail -12; }; }
   step "jittor track done"
 }
 
+touch "$OUT/torch.log" "$OUT/jittor.log"
 if [ "$GPUS" -ge 2 ]; then
-  torch_track > "$OUT/torch.log" 2>&1 &
-  jittor_track > "$OUT/jittor.log" 2>&1 &
+  want "$PARTS" torch && torch_track > "$OUT/torch.log" 2>&1 &
+  want "$PARTS" jittor && jittor_track > "$OUT/jittor.log" 2>&1 &
   wait
 else
-  torch_track > "$OUT/torch.log" 2>&1
-  jittor_track > "$OUT/jittor.log" 2>&1
+  want "$PARTS" torch && torch_track > "$OUT/torch.log" 2>&1
+  want "$PARTS" jittor && jittor_track > "$OUT/jittor.log" 2>&1
 fi
 cat "$OUT/torch.log" "$OUT/jittor.log"
 (cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz *.json *.log *.txt 2>/dev/null)
