@@ -12,7 +12,8 @@
 # Choosing parts (space-separated lists): PARTS (default "sweeps torch jittor"), TORCH_SECTIONS (default
 # "check train scoring generate e2e profile"), JITTOR_SECTIONS (default "bench profile determinism"),
 # JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_BENCH (default "check,train,generate"); variant lists
-# for the torch sections: TORCH_TRAIN, TORCH_GEN, E2E.
+# for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E. ATTENTION=1 / KERNELS=1 add the GPU checks
+# of the fused attention / the transpose and GroupNorm kernels to the Jittor track.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu_out}"); mkdir -p "$OUT"
@@ -51,7 +52,7 @@ fi
 torch_track() {
   export PYTHONPATH=$TORCH_PATH CUDA_VISIBLE_DEVICES=0
   if want "$TS" check; then step "bench: the speed paths against the fp32 torch engine"
-    bench --sections check --variants torch,torch-bf16-graphs --out "$OUT/check_torch.json"; fi
+    bench --sections check --variants ${TORCH_CHECK:-torch,torch-bf16-graphs} --out "$OUT/check_torch.json"; fi
   touch "$OUT/reference_ready"
   want "$TS" train && { late "torch training" || { step "bench: torch training"
     bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-graphs} --out "$OUT/train_torch.json"; }; }
@@ -74,6 +75,10 @@ jittor_track() {
   if [ -n "${ATTENTION:-}" ]; then
     step "Jittor fused attention check"
     timeout 600 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -30
+  fi
+  if [ -n "${KERNELS:-}" ]; then
+    step "Jittor transpose and GroupNorm kernels check"
+    timeout 600 python3 launch/check_jittor_kernels.py --out "$OUT/kernels.json" 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -16
   fi
   if want "$PARTS" torch; then  # the torch reference for the check section
     while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done

@@ -7,6 +7,7 @@ API:
     Upsample2D(channels, out_channels=None)(x, output_size=None)
     attention(q, k, v, bias=None, upcast=False) -> softmax(q k^T / sqrt(d) + bias) v on (batch, heads, tokens, dim)
     GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), LayerNorm(dim, eps=1e-5)
+    channels_last(x) (batch, channels, h, w) -> (batch, h*w, channels); channels_first(t, h, w) the inverse
     silu(x)
 
 Only what Stable Diffusion's configs use is built: SiLU activations, the "default" time-embedding
@@ -22,7 +23,7 @@ from typing import Optional
 import jittor as jt
 from jittor import nn
 
-from jdiff.engines.jittor import fused_attention
+from jdiff.engines.jittor import fused_attention, kernels
 
 
 def silu(x: jt.Var) -> jt.Var:
@@ -49,6 +50,8 @@ class GroupNorm(nn.Module):
         self.bias = jt.zeros(num_channels) if affine else None
 
     def execute(self, x: jt.Var) -> jt.Var:
+        if self.weight is not None and kernels.applies(x):
+            return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         batch, channels = x.shape[0], x.shape[1]
         y = normalize(x.reshape(batch, self.num_groups, -1), [2], self.eps).reshape(x.shape)
         if self.weight is not None:
@@ -135,6 +138,16 @@ def nearest(x: jt.Var, size: tuple[int, int]) -> jt.Var:
     return x.reindex([x.shape[0], x.shape[1], out_h, out_w], ["i0", "i1", rows, cols])
 
 
+def channels_last(x: jt.Var) -> jt.Var:
+    """A feature map (batch, channels, height, width) as tokens (batch, height * width, channels)."""
+    return kernels.swap_last_two(x.reshape(x.shape[0], x.shape[1], -1))
+
+
+def channels_first(tokens: jt.Var, height: int, width: int) -> jt.Var:
+    """Tokens (batch, height * width, channels) as a feature map (batch, channels, height, width)."""
+    return kernels.swap_last_two(tokens).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
 def attention(q: jt.Var, k: jt.Var, v: jt.Var, bias: Optional[jt.Var] = None, upcast: bool = False) -> jt.Var:
     """Scaled dot-product attention on (batch, heads, tokens, head_dim). ``bias`` is added to the scores (a
     causal mask: -inf above the diagonal). ``upcast`` computes scores and softmax in float32 even for half
@@ -146,7 +159,9 @@ def attention(q: jt.Var, k: jt.Var, v: jt.Var, bias: Optional[jt.Var] = None, up
     dtype = q.dtype
     if upcast:
         q, k = q.float32(), k.float32()
-    scores = jt.matmul(q, k.transpose(0, 1, 3, 2)) * (q.shape[-1] ** -0.5)
+    batch, heads, keys, head_dim = k.shape
+    k_t = kernels.swap_last_two(k.reshape(batch * heads, keys, head_dim)).reshape(batch, heads, head_dim, keys)
+    scores = jt.matmul(q, k_t) * (q.shape[-1] ** -0.5)
     if bias is not None:
         scores = scores + bias
     probs = nn.softmax(scores, dim=-1)

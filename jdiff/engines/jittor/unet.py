@@ -26,7 +26,7 @@ from jittor import nn
 
 from jdiff.engines.base import EngineError
 from jdiff.engines.jittor.blocks import (Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D, attention,
-                                         silu)
+                                         channels_first, channels_last, silu)
 from jdiff.engines.jittor.weights import build_from_folder
 
 # Config keys with the value every SD 1.x/2.x UNet has; anything else needs code this file does not have.
@@ -168,11 +168,10 @@ class Transformer2DModel(nn.Module):
         ])
 
     def execute(self, x: jt.Var, context: jt.Var) -> jt.Var:
-        batch, _, height, width = x.shape
+        height, width = x.shape[2], x.shape[3]
         h = self.norm(x)
-        to_tokens = lambda m: m.transpose(0, 2, 3, 1).reshape(batch, height * width, m.shape[1])
-        to_map = lambda t: t.reshape(batch, height, width, t.shape[-1]).transpose(0, 3, 1, 2)
-        h = self.proj_in(to_tokens(h)) if self.use_linear_projection else to_tokens(self.proj_in(h))
+        to_map = lambda t: channels_first(t, height, width)
+        h = self.proj_in(channels_last(h)) if self.use_linear_projection else channels_last(self.proj_in(h))
         for block in self.transformer_blocks:
             h = block(h, context)
         h = to_map(self.proj_out(h)) if self.use_linear_projection else self.proj_out(to_map(h))

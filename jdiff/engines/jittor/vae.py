@@ -24,7 +24,8 @@ import jittor as jt
 from jittor import nn
 
 from jdiff.engines.base import EngineError
-from jdiff.engines.jittor.blocks import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention, silu
+from jdiff.engines.jittor.blocks import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention, channels_first,
+                                         channels_last, silu)
 from jdiff.engines.jittor.weights import build_from_folder
 
 # diffusers' defaults for the config keys SD checkpoints may leave out
@@ -68,7 +69,7 @@ class VAEAttention(nn.Module):
 
     def execute(self, x: jt.Var) -> jt.Var:
         batch, channels, height, width = x.shape
-        tokens = self.group_norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)
+        tokens = channels_last(self.group_norm(x))
 
         def heads(t):
             return t.reshape(batch, -1, self.heads, channels // self.heads).transpose(0, 2, 1, 3)
@@ -76,7 +77,7 @@ class VAEAttention(nn.Module):
         out = attention(heads(self.to_q(tokens)), heads(self.to_k(tokens)), heads(self.to_v(tokens)), upcast=True)
         out = out.transpose(0, 2, 1, 3).reshape(batch, height * width, channels)
         out = self.to_out[1](self.to_out[0](out))
-        return out.transpose(0, 2, 1).reshape(batch, channels, height, width) + x
+        return channels_first(out, height, width) + x
 
 
 class MidBlock(nn.Module):
