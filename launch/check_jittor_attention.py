@@ -3,7 +3,7 @@
     PYTHONPATH=. python launch/check_jittor_attention.py --out attention.json [--repeats 10]
 
 For each case (self-attention at 64x64, 32x32, 16x16 and 8x8 latent tokens, and cross-attention from those
-to 77 text tokens; head_dim 64) in float32 and float16:
+to 77 text tokens; head_dim 64) in float32 and float16 (float16 runs the tensor-core kernels):
 - check: Jittor's allocator is first filled with NaN buffers of the outputs' sizes (freed, so the kernels get
   them back: anything a kernel fails to write stays NaN), then the fused kernel's output and gradients
   (dq, dk, dv of sum(out * dO)) are compared with a float64 reference: relative error ||x - ref|| / ||ref||

@@ -11,7 +11,7 @@
 # Stops starting new steps after ${DEADLINE_MIN:-17} minutes, so that what was measured comes back.
 # Choosing parts (space-separated lists): PARTS (default "sweeps torch jittor"), TORCH_SECTIONS (default
 # "check train scoring generate e2e profile"), JITTOR_SECTIONS (default "bench profile determinism"),
-# JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_BENCH (default "check,train,generate"); variant lists
+# JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_PROFILE (default: those variants), JITTOR_BENCH (default "check,train,generate"); variant lists
 # for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E. ATTENTION=1 / KERNELS=1 add the GPU checks
 # of the fused attention / the transpose and GroupNorm kernels to the Jittor track.
 set -uo pipefail
@@ -83,7 +83,7 @@ jittor_track() {
   if want "$PARTS" torch; then  # the torch reference for the check section
     while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done
   fi
-  for variant in ${JITTOR_VARIANTS:-jittor jittor-fp16}; do
+  for variant in ${JITTOR_PROFILE:-${JITTOR_VARIANTS:-jittor jittor-fp16}}; do
     want "$JS" profile && { late "$variant profile" || { step "profile: $variant"
       python3 launch/profile_train.py --variant $variant --steps 5 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -40; }; }
   done

@@ -17,7 +17,9 @@ Algorithm (one row of queries at a time, keys and values streamed in tiles):
   dK and dV, one key row per thread streaming query tiles. When there are few key tiles (cross-attention to
   77 text tokens), the query range is split over several blocks ("splits") whose partial dK/dV are summed
   in a fixed order afterwards, so the GPU still gets enough blocks.
-All arithmetic is float32, whatever the inputs' dtype.
+All arithmetic is float32, whatever the inputs' dtype. On CUDA, float16 inputs with a head_dim that is a multiple
+of 16 take the tensor-core kernels of :mod:`jdiff.engines.jittor.tensor_core_attention` instead: the same
+passes, with the tile products on tensor cores (float16 operands, float32 accumulators).
 
 The numeric core (the per-row steps and the tile loads) is C++ written once, ``__host__ __device__`` under
 nvcc and plain inline functions under g++. The CUDA kernels (one thread block per tile of rows, key/value or
@@ -31,6 +33,8 @@ from __future__ import annotations
 from typing import Optional
 
 import jittor as jt
+
+from jdiff.engines.jittor import tensor_core_attention
 
 MODE = "auto"
 MODES = ("auto", "fused", "unfused")
@@ -89,11 +93,16 @@ class FusedAttention(jt.Function):
 
     def execute(self, q: jt.Var, k: jt.Var, v: jt.Var) -> jt.Var:
         bh, n_q, head_dim = q.shape
-        out, lse = jt.code(
-            [q.shape, (bh, n_q)], [q.dtype, "float32"], [q, k, v],
-            cpu_header=kernel_header(head_dim, "cpu"), cpu_src=FORWARD_CPU_SRC,
-            cuda_header=kernel_header(head_dim, "cuda"), cuda_src=FORWARD_CUDA_SRC,
-        )
+        if tensor_core_attention.serves(q):
+            out, lse = jt.code([q.shape, (bh, n_q)], [q.dtype, "float32"], [q, k, v],
+                               cuda_header=tensor_core_attention.header(head_dim),
+                               cuda_src=tensor_core_attention.FORWARD_SRC)
+        else:
+            out, lse = jt.code(
+                [q.shape, (bh, n_q)], [q.dtype, "float32"], [q, k, v],
+                cpu_header=kernel_header(head_dim, "cpu"), cpu_src=FORWARD_CPU_SRC,
+                cuda_header=kernel_header(head_dim, "cuda"), cuda_src=FORWARD_CUDA_SRC,
+            )
         self.saved = (q, k, v, out, lse)
         return out
 
@@ -103,16 +112,20 @@ class FusedAttention(jt.Function):
         q, k, v, out, lse = self.saved
         bh, n_q, head_dim = q.shape
         n_k = k.shape[1]
-        keys_per_block, queries_per_tile = key_pass_tiles(head_dim)
-        key_blocks = -(-n_k // keys_per_block)
-        splits = max(1, min(-(-n_q // queries_per_tile), -(-BLOCKS_WANTED // (key_blocks * bh))))
+        if tensor_core_attention.serves(q):
+            splits = tensor_core_attention.key_pass_splits(n_q, n_k, bh)
+            sources = dict(cuda_header=tensor_core_attention.header(head_dim),
+                           cuda_src=tensor_core_attention.BACKWARD_SRC)
+        else:
+            keys_per_block, queries_per_tile = key_pass_tiles(head_dim)
+            key_blocks = -(-n_k // keys_per_block)
+            splits = max(1, min(-(-n_q // queries_per_tile), -(-BLOCKS_WANTED // (key_blocks * bh))))
+            sources = dict(cpu_header=kernel_header(head_dim, "cpu"), cpu_src=BACKWARD_CPU_SRC,
+                           cuda_header=kernel_header(head_dim, "cuda"), cuda_src=BACKWARD_CUDA_SRC)
         dq, dk, dv, _delta, _dk_parts, _dv_parts = jt.code(
             [q.shape, k.shape, v.shape, (bh, n_q), (splits, bh, n_k, head_dim), (splits, bh, n_k, head_dim)],
             [q.dtype, q.dtype, q.dtype, "float32", "float32", "float32"],
-            [q, k, v, out, lse, dout.cast(q.dtype)],
-            cpu_header=kernel_header(head_dim, "cpu"), cpu_src=BACKWARD_CPU_SRC,
-            cuda_header=kernel_header(head_dim, "cuda"), cuda_src=BACKWARD_CUDA_SRC,
-        )
+            [q, k, v, out, lse, dout.cast(q.dtype)], **sources)
         return dq, dk, dv
 
 
