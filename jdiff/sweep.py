@@ -185,13 +185,19 @@ def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
     return None
 
 
-def run_child(run_dir: Path, gpu: Optional[str], label: str) -> int:
-    """Run the stages in ``python -m jdiff.job RUN_DIR``, seeing only ``gpu``; returns its exit code."""
+def job_environment(gpu: Optional[str]) -> dict:
+    """The environment of a child process that sees only ``gpu`` (none: the CPU) and imports this very jdiff."""
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # number the GPUs the way nvidia-smi does
-    source_root = str(Path(jdiff.__file__).resolve().parents[1])  # the child runs this very jdiff
+    source_root = str(Path(jdiff.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_child(run_dir: Path, gpu: Optional[str], label: str) -> int:
+    """Run the stages in ``python -m jdiff.job RUN_DIR``, seeing only ``gpu``; returns its exit code."""
+    env = job_environment(gpu)
     host = socket.gethostname()
     started = time.time()
     child = subprocess.Popen([sys.executable, "-m", "jdiff.job", str(run_dir), "--label", label], env=env)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jdiff.sweep import job_environment  # noqa: E402
 
 
 def run(root: Path, label: str, engine: str, deterministic: bool, gpu: str | None, extra: list[str]) -> Path:
@@ -35,9 +36,7 @@ def run(root: Path, label: str, engine: str, deterministic: bool, gpu: str | Non
                f"hydra.run.dir={out}", *extra]
     if gpu is None:
         command.append("engine.device=cpu")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else "",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=root, env=job_environment(gpu), capture_output=True, text=True)
     if done.returncode != 0 or not (out / "COMPLETE").exists():
         sys.exit(f"run {label} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return out

@@ -96,7 +96,7 @@ def main() -> None:
     model_dir = ensure_tiny_model(Path(args.cache) / "models", architecture=args.model)
     engine = bench.load(args.variant, model_dir, args.device)
     batches = list(bench.train_batches(model_dir, args.resolution, engine.latent_shape(args.resolution), 4))
-    step = engine.train_step if args.variant == "baseline" else (lambda b: engine.train_step(b, 1e-4))
+    step = bench.train_step_of(args.variant, engine)
     for k in range(args.warmup):
         step(batches[k % len(batches)])
 

@@ -53,11 +53,15 @@ def engines(model_dir: Path, lora: Path | None = None) -> tuple[TorchEngine, Jit
 
 @pytest.fixture(scope="module")
 def live_lora(tiny_model_dir, tmp_path_factory) -> Path:
+    return write_live_lora(tiny_model_dir, tmp_path_factory.mktemp("live_lora") / "live.safetensors")
+
+
+def write_live_lora(model_dir: Path, path: Path) -> Path:
     """Adapters with B != 0 on the UNet and the text encoder: fresh ones (B = 0) give A no gradient and leave
     the model unchanged, so they would hide mistakes."""
     import torch
 
-    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine = TorchEngine(model_dir, device="cpu")
     engine.add_lora(SPEC)
     rng = np.random.default_rng(5)
     with torch.no_grad():
@@ -65,7 +69,6 @@ def live_lora(tiny_model_dir, tmp_path_factory) -> Path:
             for layer in engine._lora_layers(prefix).values():
                 up = layer.lora_B["default"].weight
                 up.copy_(torch.from_numpy(0.05 * rng.standard_normal(tuple(up.shape)).astype(np.float32)))
-    path = tmp_path_factory.mktemp("live_lora") / "live.safetensors"
     engine.save_lora(path)
     return path
 

@@ -11,7 +11,7 @@ from jdiff.engines.base import EngineError, GenerateRequest, create_engine
 from jdiff.engines.jittor.env import import_jittor
 from jdiff.noise import SAMPLE, gaussian, stream
 from jdiff.validate import ConfigError, validate_config
-from test_jittor_engine import PROMPTS, SETTINGS, live_lora, read_lora, training_batch  # noqa: F401 (a fixture)
+from test_jittor_engine import PROMPTS, SETTINGS, read_lora, training_batch, write_live_lora
 
 jt = import_jittor("cpu")
 
@@ -34,6 +34,11 @@ def trained(model_dir, lora, mixed_precision: str):
 
 def adapters(engine: JittorEngine) -> list:
     return lora_parameters(engine.unet) + lora_parameters(engine.text_encoder)
+
+
+@pytest.fixture(scope="module")
+def live_lora(tiny_model_dir, tmp_path_factory):
+    return write_live_lora(tiny_model_dir, tmp_path_factory.mktemp("live_lora") / "live.safetensors")
 
 
 @pytest.fixture(scope="module")

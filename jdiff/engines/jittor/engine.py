@@ -54,7 +54,8 @@ class DynamicLossScale:
         grads = [g for group in optimizer.param_groups for g in group["grads"]]
         for g in grads:
             g.update(g / self.scale)
-        if not np.isfinite(sum(g.sum() for g in grads).item()):  # any inf or nan makes the sum inf or nan
+        # any inf or nan makes the sum inf or nan; one reduction over all gradients (one kernel, not one a tensor)
+        if not np.isfinite(jt.concat([g.flatten() for g in grads]).sum().item()):
             optimizer.zero_grad()
             optimizer.n_step -= 1  # Jittor counts steps in backward(); AdamW's bias correction must see taken ones
             self.scale /= 2
