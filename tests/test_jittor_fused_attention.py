@@ -11,7 +11,7 @@ from jdiff.engines.jittor.env import import_jittor
 
 jt = import_jittor("cpu")
 
-from jdiff.engines.jittor import blocks, fused_attention  # noqa: E402
+from jdiff.engines.jittor import blocks, fused_attention, tensor_core_attention  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs difference, float32
 
@@ -91,3 +91,15 @@ def test_head_dim_over_128_is_refused():
     q = jt.array(np.ones((1, 1, 4, 160), dtype=np.float32))
     with pytest.raises(ValueError, match="head_dim <= 128, got 160"):
         fused_attention.attention(q, q, q)
+
+
+def test_tensor_core_kernels_only_where_their_shared_memory_fits():
+    """The float16 tensor-core kernels need compute capability 8.0+ and up to 115 KiB of shared memory per
+    block (head_dim 128): a T4 (7.5) gets none, a 99 KiB card (8.6, 8.9) head_dim 64 only, an H100 all."""
+    limit = tensor_core_attention.shared_memory_limit
+    need = {d: max(tensor_core_attention.shared_memory(d).values()) for d in (16, 64, 128)}
+    assert need[16] < need[64] < need[128]
+    assert limit([75]) == 0 and limit([]) == 0
+    assert need[64] <= limit([86]) < need[128]
+    assert need[128] <= limit([80]) and need[128] <= limit([90])
+    assert limit([86, 90]) == limit([86])  # every GPU Jittor compiles for must fit

@@ -153,7 +153,8 @@ def attention(q: jt.Var, k: jt.Var, v: jt.Var, bias: Optional[jt.Var] = None, up
     causal mask: -inf above the diagonal). ``upcast`` computes scores and softmax in float32 even for half
     precision inputs (diffusers' ``upcast_attention``, on in SD 2.1), where they would otherwise overflow.
     On CUDA without a bias, the fused kernel runs instead (``fused_attention.MODE`` forces either path); it
-    always computes in float32, which covers ``upcast``."""
+    keeps scores, softmax statistics and accumulators in float32, which covers ``upcast`` (the tensor-core
+    kernels for float16 round the probabilities to float16 for their product with v, as flash attention does)."""
     if fused_attention.applies(q, bias):
         return fused_attention.attention(q, k, v)
     dtype = q.dtype

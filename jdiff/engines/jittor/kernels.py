@@ -53,7 +53,7 @@ def swap_last_two(x: jt.Var) -> jt.Var:
     """The last two axes of a 3-d tensor swapped."""
     if x.ndim != 3:
         raise ValueError(f"swap_last_two takes a (batch, rows, cols) tensor, got shape {x.shape}")
-    if not applies(x):
+    if not applies(x) or x.shape[0] > 65535:  # the batch is the kernel's grid z dimension
         return x.transpose(0, 2, 1)
     return SwapLastTwo()(x)
 
@@ -82,20 +82,24 @@ for (size_t b = 0; b < batch; b++)
 SWAP_CUDA_HEADER = r"""
 #include <cstddef>
 namespace jdiff_kernels {
-// one 32 x 32 tile per block of 32 x 8 threads: read rows of the input, write rows of the output
+// 32 x 32 tiles, blocks of 32 x 8 threads: read rows of the input, write rows of the output. The grid's y
+// dimension (at most 65535) strides over the row tiles, so any row count works.
 template <class T>
 __global__ void swap_kernel(const T* __restrict__ x, T* __restrict__ y, int rows, int cols) {
     __shared__ T tile[32][33];  // 33: a column of the tile falls in 32 different banks
     const size_t base = (size_t)blockIdx.z * rows * cols;
-    const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
-    for (int k = threadIdx.y; k < 32; k += 8) {
-        const int r = r0 + k, c = c0 + threadIdx.x;
-        if (r < rows && c < cols) tile[k][threadIdx.x] = x[base + (size_t)r * cols + c];
-    }
-    __syncthreads();
-    for (int k = threadIdx.y; k < 32; k += 8) {
-        const int c = c0 + k, r = r0 + threadIdx.x;
-        if (r < rows && c < cols) y[base + (size_t)c * rows + r] = tile[threadIdx.x][k];
+    const int c0 = blockIdx.x * 32;
+    for (int r0 = blockIdx.y * 32; r0 < rows; r0 += gridDim.y * 32) {
+        __syncthreads();  // the previous tile is written out
+        for (int k = threadIdx.y; k < 32; k += 8) {
+            const int r = r0 + k, c = c0 + threadIdx.x;
+            if (r < rows && c < cols) tile[k][threadIdx.x] = x[base + (size_t)r * cols + c];
+        }
+        __syncthreads();
+        for (int k = threadIdx.y; k < 32; k += 8) {
+            const int c = c0 + k, r = r0 + threadIdx.x;
+            if (r < rows && c < cols) y[base + (size_t)c * rows + r] = tile[threadIdx.x][k];
+        }
     }
 }
 }  // namespace jdiff_kernels
@@ -103,7 +107,8 @@ __global__ void swap_kernel(const T* __restrict__ x, T* __restrict__ y, int rows
 
 SWAP_CUDA_SRC = r"""
 const int rows = (int)in0_shape1, cols = (int)in0_shape2;
-dim3 grid((cols + 31) / 32, (rows + 31) / 32, (unsigned)in0_shape0);
+const int row_tiles = (rows + 31) / 32;
+dim3 grid((cols + 31) / 32, row_tiles < 65535 ? row_tiles : 65535, (unsigned)in0_shape0);
 jdiff_kernels::swap_kernel<<<grid, dim3(32, 8)>>>(in0_p, out0_p, rows, cols);
 """
 

@@ -16,8 +16,10 @@ rounded to float16 for their products (as flash attention does); softmax statist
 and every accumulator are float32. Each lane of a warp owns half of one of the warp's 16 rows for the
 element-wise steps (scale, exp, rescale), so a row's max and sum need one shuffle.
 
-These kernels run only on a GPU: ``launch/check_jittor_attention.py`` checks them there against a float64
-reference (float16 cases), with the scalar kernels' CPU build covering the algorithm in the CPU tests.
+These kernels run only on a GPU (compute capability 8.0 or later, with enough shared memory per block for the
+head_dim: ``serves`` checks both, and anything else takes the scalar kernels). They share no code with the
+scalar kernels, so the CPU tests do not run them: ``launch/check_jittor_attention.py`` checks them on a GPU
+against a float64 reference (its float16 cases).
 """
 
 from __future__ import annotations
@@ -30,10 +32,33 @@ TILE = 32  # streamed rows per tile
 BLOCKS_WANTED = 512
 
 
+# The most shared memory one block may opt into, by compute capability (CUDA C programming guide); other
+# compute capabilities from 8.0 on have 99 KiB (8.6, 8.9, 12.x), earlier ones have no WMMA path here.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 103: 227 * 1024}
+OTHER_LIMIT = 99 * 1024
+
+
+def shared_memory(head_dim: int) -> dict:
+    """Bytes of dynamic shared memory per block of each kernel: the arrays the kernels lay out, in order."""
+    ldh, ldf, lds, ldp = head_dim + 8, head_dim + 4, TILE + 4, TILE + 8
+    h_rows, h_tile, s_rows, p_rows, f_rows = ROWS * ldh * 2, TILE * ldh * 2, ROWS * lds * 4, ROWS * ldp * 2, ROWS * ldf * 4
+    return {"FORWARD_SMEM": h_rows + 2 * h_tile + s_rows + p_rows + 2 * f_rows + 2 * ROWS * 4,
+            "QUERY_SMEM": 2 * h_rows + 2 * h_tile + 2 * s_rows + p_rows + f_rows + 2 * ROWS * 4,
+            "KEY_SMEM": 2 * h_rows + 2 * h_tile + 2 * s_rows + 2 * p_rows + f_rows + 2 * TILE * 4}
+
+
+def shared_memory_limit(archs) -> int:
+    """What every GPU Jittor compiles for (compute capabilities as 80, 90, ...) lets a block use; 0 before 8.0."""
+    if not archs or min(archs) < 80:
+        return 0
+    return min(SHARED_MEMORY_LIMIT.get(arch, OTHER_LIMIT) for arch in archs)
+
+
 def serves(q: jt.Var) -> bool:
     head_dim = q.shape[-1]
-    return (bool(jt.flags.use_cuda) and str(q.dtype) == "float16" and head_dim % 16 == 0
-            and head_dim <= MAX_HEAD_DIM)
+    if not (jt.flags.use_cuda and str(q.dtype) == "float16" and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM):
+        return False
+    return max(shared_memory(head_dim).values()) <= shared_memory_limit(list(jt.flags.cuda_archs))
 
 
 def key_pass_splits(n_q: int, n_k: int, bh: int) -> int:
@@ -42,7 +67,10 @@ def key_pass_splits(n_q: int, n_k: int, bh: int) -> int:
 
 
 def header(head_dim: int) -> str:
-    return HEADER.replace("HEAD_DIM", str(head_dim))
+    source = HEADER.replace("HEAD_DIM", str(head_dim))
+    for name, size in shared_memory(head_dim).items():
+        source = source.replace(f"{name}_BYTES", str(size))
+    return source
 
 
 # Jittor's code preprocessor reads '@' as its own syntax: none may appear below. The #includes come first.
@@ -67,12 +95,9 @@ typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> FragBt
 typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> FragB;
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
 
-// bytes of each shared array, in the order the kernels lay them out (all multiples of 128 for D % 16 == 0)
-constexpr size_t H_ROWS = ROWS * LDH * 2, H_TILE = TILE * LDH * 2, S_ROWS = ROWS * LDS * 4, P_ROWS = ROWS * LDP * 2,
-                 F_ROWS = ROWS * LDF * 4;
-constexpr size_t FORWARD_SMEM = H_ROWS + 2 * H_TILE + S_ROWS + P_ROWS + 2 * F_ROWS + 2 * ROWS * 4;
-constexpr size_t QUERY_SMEM = 2 * H_ROWS + 2 * H_TILE + 2 * S_ROWS + P_ROWS + F_ROWS + 2 * ROWS * 4;
-constexpr size_t KEY_SMEM = 2 * H_ROWS + 2 * H_TILE + 2 * S_ROWS + 2 * P_ROWS + F_ROWS + 2 * TILE * 4;
+// bytes of dynamic shared memory per block (shared_memory() in the Python module: the arrays each kernel lays
+// out below, every one a multiple of 128 bytes for D % 16 == 0)
+constexpr size_t FORWARD_SMEM = FORWARD_SMEM_BYTES, QUERY_SMEM = QUERY_SMEM_BYTES, KEY_SMEM = KEY_SMEM_BYTES;
 
 // rows [0, n_valid) of src (contiguous rows of D) into dst (row stride LDH), zeros up to n_rows; 8 values a load
 __device__ __forceinline__ void load_rows(half* dst, const half* src, int n_valid, int n_rows) {
