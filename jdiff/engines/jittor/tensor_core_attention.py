@@ -151,9 +151,13 @@ __device__ __forceinline__ void warp_accumulate(FragC* acc, const half* a, const
     }
 }
 
-// a warp's 16 x D accumulators through its rows of `stage`, times mul, into dst: this lane's half row (none
-// when dst is null: a row past the end)
-__device__ __forceinline__ void store_rows(const FragC* acc, float* stage, float* dst, float mul) {
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(half* p, float v) { *p = __float2half_rn(v); }
+
+// a warp's 16 x D accumulators through its rows of `stage`, times mul, into dst (float32 or float16): this
+// lane's half row (none when dst is null: a row past the end)
+template <class T>
+__device__ __forceinline__ void store_rows(const FragC* acc, float* stage, T* dst, float mul) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int j = 0; j < D / 16; j++)
@@ -161,7 +165,7 @@ __device__ __forceinline__ void store_rows(const FragC* acc, float* stage, float
     __syncwarp();
     if (dst != nullptr) {
         const float* src = stage + (warp * 16 + lane / 2) * LDF + (lane % 2) * (D / 2);
-        for (int c = 0; c < D / 2; c++) dst[c] = src[c] * mul;
+        for (int c = 0; c < D / 2; c++) put(dst + c, src[c] * mul);
     }
     __syncwarp();
 }
@@ -296,15 +300,7 @@ __global__ void __launch_bounds__(THREADS) grad_query_kernel(const half* q, cons
         __syncwarp();
         warp_accumulate(acc, ds_s + warp * 16 * LDP, k_s);
     }
-#pragma unroll
-    for (int j = 0; j < D / 16; j++)
-        wmma::store_matrix_sync(stage + warp * 16 * LDF + j * 16, acc[j], LDF, wmma::mem_row_major);
-    __syncwarp();
-    if (row < nq) {
-        half* dst = dq + (bh * n_q + q0 + row) * D + side * (D / 2);
-        const float* src = stage + row * LDF + side * (D / 2);
-        for (int c = 0; c < D / 2; c++) dst[c] = __float2half_rn(src[c] * scale);
-    }
+    store_rows(acc, stage, row < nq ? dq + (bh * n_q + q0 + row) * D + side * (D / 2) : nullptr, scale);
 }
 
 // dK/dV pass: ROWS key rows, the query tiles of split blockIdx.z streamed; partial sums into the split's slice
