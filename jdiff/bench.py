@@ -11,7 +11,7 @@ Sections (each variant x section runs in a fresh process, so memory and compile 
   peak GPU memory (the process's, read from nvidia-smi while it runs; torch's allocator peak as well).
 - ``generate``: seconds for one style's images (default 25: batches of 5, 40 steps, img2img at strength 0.9,
   guidance 7.5), after one warm-up batch.
-- ``check``: correctness of each speed path: three training steps' losses and one batch of images from the
+- ``check``: correctness of each speed path: five training steps' losses and one batch of images from the
   same inputs, against the fp32 torch engine, within limits set by the variant's precision (CHECK_LIMITS).
 - ``e2e``: one style end to end through ``python -m jdiff.main`` (800 steps + the images + the Hist score),
   with the class-image cache warmed by an earlier run, wall time of the whole command.
@@ -42,6 +42,8 @@ VARIANTS = {
     "torch-bf16": {"engine": "torch", "mixed_precision": "bf16"},
     "torch-bf16-compile": {"engine": "torch", "mixed_precision": "bf16", "compile": "default"},
     "torch-bf16-graphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "reduce-overhead"},
+    "torch-cudagraphs": {"engine": "torch", "compile": "cuda-graphs"},
+    "torch-bf16-cudagraphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "cuda-graphs"},
     "jittor": {"engine": "jittor"},
     "jittor-fp16": {"engine": "jittor", "mixed_precision": "fp16"},
 }
@@ -49,6 +51,7 @@ SECTIONS = ("train", "generate", "e2e", "check")
 REFERENCE = "torch"  # the fp32 engine every speed path is checked against
 # allowed difference from the reference: max relative loss difference, mean absolute pixel difference (levels)
 CHECK_LIMITS = {"no": (1e-3, 1.0), "bf16": (3e-2, 8.0), "fp16": (1e-2, 4.0)}
+CHECK_STEPS = 5  # training steps compared; with cuda-graphs, the first two run eagerly and the rest replay
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 32
 STYLE_PROMPT, PRIOR_PROMPT = "an image of wheat field in style_00", "an image of wheat field"
@@ -185,14 +188,11 @@ def measure(variant: str, section: str, args) -> dict:
         return numbers_to_check(variant, engine, model_dir, latent, args)
     if section == "train":
         batches = list(train_batches(model_dir, args.resolution, latent, 4))
-        step = train_step_of(variant, engine)
         started = time.perf_counter()
-        for k in range(args.warmup):
-            step(batches[k % len(batches)])
+        run_steps(variant, engine, batches, args.warmup)
         result["warmup_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        for k in range(args.steps):
-            step(batches[k % len(batches)])  # each step returns the loss to the host: a sync, as in training
+        run_steps(variant, engine, batches, args.steps)
         seconds = time.perf_counter() - started
         result.update(steps=args.steps, steps_per_s=args.steps / seconds)
     else:
@@ -207,14 +207,26 @@ def measure(variant: str, section: str, args) -> dict:
     return result
 
 
-def train_step_of(variant: str, engine):
-    """One training step on a batch: the baseline's step, or an engine's at a fixed learning rate."""
-    return engine.train_step if variant == "baseline" else (lambda batch: engine.train_step(batch, 1e-4))
+def run_steps(variant: str, engine, batches: list, count: int) -> None:
+    """``count`` training steps, each one's loss brought to the host, the way each side trains: the baseline
+    reads its loss after every step (loss.item()); jdiff's loop reads a step's losses after queuing the next."""
+    if variant == "baseline":
+        for k in range(count):
+            engine.train_step(batches[k % len(batches)])
+        return
+    pending = None
+    for k in range(count):
+        queued = engine.start_train_step(batches[k % len(batches)], 1e-4)
+        if pending:
+            pending()
+        pending = queued
+    if pending:
+        pending()
 
 
 def numbers_to_check(variant: str, engine, model_dir: Path, latent: tuple, args) -> dict:
-    """Three training steps' losses, then one batch of images, on fixed inputs: saved for ``compare``."""
-    losses = [engine.train_step(batch, 1e-4) for batch in train_batches(model_dir, args.resolution, latent, 3)]
+    """CHECK_STEPS training steps' losses, then one batch of images, on fixed inputs: saved for ``compare``."""
+    losses = [engine.train_step(batch, 1e-4) for batch in train_batches(model_dir, args.resolution, latent, CHECK_STEPS)]
     request = next(generate_requests(args.resolution, latent, args.batch, args.batch, args.infer_steps))
     images = np.stack(engine.generate(request))
     path = check_file(variant, args)
@@ -225,7 +237,7 @@ def numbers_to_check(variant: str, engine, model_dir: Path, latent: tuple, args)
 
 def check_file(variant: str, args) -> Path:
     """Where a variant's check numbers go; named by every setting they depend on."""
-    name = f"{variant}-{args.model}-{args.device}-{args.resolution}px-{args.batch}x{args.infer_steps}.npz"
+    name = f"{variant}-{args.model}-{args.device}-{args.resolution}px-{CHECK_STEPS}-{args.batch}x{args.infer_steps}.npz"
     return Path(args.cache) / "check" / name
 
 
@@ -282,7 +294,8 @@ def end_to_end(variant: str, args) -> dict:
     seconds = time.perf_counter() - started
     if done.returncode:
         return {"error": done.stderr[-2000:]}
-    return {"e2e_s": seconds, "train_steps": args.e2e_steps, "run_dir": str(run_dir)}
+    stage_seconds = json.loads((run_dir / "COMPLETE").read_text()).get("stage_seconds")
+    return {"e2e_s": seconds, "train_steps": args.e2e_steps, "run_dir": str(run_dir), "stage_seconds": stage_seconds}
 
 
 # -- the parent: one child process per measurement ----------------------------------------------------------

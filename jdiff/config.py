@@ -49,7 +49,8 @@ class EngineConfig:
     # (reductions split differently), so it is part of a run's numerical config.
     threads: Optional[int] = None
     # torch only: torch.compile the UNet and the VAE encoder with this mode (no, default, reduce-overhead:
-    # + CUDA graphs, max-autotune). The first steps compile (minutes on a GPU); later steps run faster.
+    # + CUDA graphs, max-autotune; the first steps compile, minutes on a GPU), or cuda-graphs: no compiler,
+    # the whole training step and each sampling UNet call recorded as CUDA graphs (seconds; GPU only).
     compile: str = "no"
 
 

@@ -78,17 +78,28 @@ class Run:
         self.schedule = NoiseSchedule.from_model(self.model_dir, cfg.model.prediction_type)
         self._engine: Optional[Engine] = None
         self.class_items: list[ClassImage] = []
+        self.seconds: dict[str, float] = {}  # wall time of each stage, and of loading the engine
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
             e = self.cfg.engine
             log.info("loading %s with engine=%s", self.model_dir, e.name)
+            started = time.perf_counter()
             self._engine = create_engine(e.name, self.model_dir, device=e.device, mixed_precision=e.mixed_precision,
                                          prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle,
                                          threads=e.threads, deterministic=self.cfg.deterministic,
                                          compile=e.compile)
+            self.seconds["load_engine"] = round(time.perf_counter() - started, 2)
         return self._engine
+
+    def timed(self, stage: str, fn):
+        """Run one stage; its wall time, less any engine loading it triggered, goes into ``seconds``."""
+        started, loading = time.perf_counter(), self.seconds.get("load_engine", 0.0)
+        out = fn()
+        spent = time.perf_counter() - started - (self.seconds.get("load_engine", 0.0) - loading)
+        self.seconds[stage] = round(spent, 2)
+        return out
 
     # -- stages -------------------------------------------------------------------------------------------
 
@@ -153,16 +164,17 @@ def run(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     stages = list(cfg.stages)
     if "prior" in stages and cfg.prior.enabled:
-        run.prior()
+        run.timed("prior", run.prior)
     if "train" in stages:
-        run.train()
+        run.timed("train", run.train)
     if "generate" in stages:
-        run.generate()
+        run.timed("generate", run.generate)
         run.write_contact_sheet()
-    scores = run.score() if "score" in stages else None
+    scores = run.timed("score", run.score) if "score" in stages else None
     seconds = round(time.perf_counter() - started, 2)
     final = scores["final"]["value"] if scores else None
-    write_json(run_dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages})
+    write_json(run_dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages,
+                                    "stage_seconds": run.seconds})
     summary(run_dir, scores, seconds)
     return final
 

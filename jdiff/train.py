@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,19 +78,37 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     n = cfg.train.batch_size
     rows: list[dict] = []
     started = time.perf_counter()
-    bar = tqdm(range(cfg.train.steps), desc="train", unit="step")
-    for step in bar:
-        batch = make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule, latent_shape)
-        lr = learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule, cfg.train.lr_warmup_steps)
-        per_sample = engine.train_step(batch, lr)
-        style_loss = float(per_sample[:n].mean())
-        prior_loss = float(per_sample[n:].mean()) if len(per_sample) > n else 0.0
-        rows.append({"step": step + 1, "lr": lr, "loss": float((per_sample * batch.weights).sum()),
-                     "style_loss": style_loss, "prior_loss": prior_loss,
+    bar = tqdm(total=cfg.train.steps, desc="train", unit="step")
+
+    def finish(step: int, lr: float, weights: np.ndarray, losses) -> None:
+        per_sample = losses()
+        rows.append({"step": step + 1, "lr": lr, "loss": float((per_sample * weights).sum()),
+                     "style_loss": float(per_sample[:n].mean()),
+                     "prior_loss": float(per_sample[n:].mean()) if len(per_sample) > n else 0.0,
                      "seconds": round(time.perf_counter() - started, 3)})
+        bar.update(1)
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
         if (step + 1) % 50 == 0 or step + 1 == cfg.train.steps:
             write_loss_log(loss_log, rows)
+
+    # The next batch is drawn on a worker thread (augmentation is CPU work), and a step's losses are read
+    # only after the next step is queued, so neither waits for the other. Batches depend on (seed, step) only.
+    draw = lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
+                                   latent_shape)
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as worker:
+        upcoming = worker.submit(draw, 0)
+        for step in range(cfg.train.steps):
+            batch = upcoming.result()
+            if step + 1 < cfg.train.steps:
+                upcoming = worker.submit(draw, step + 1)
+            lr = learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule, cfg.train.lr_warmup_steps)
+            queued = (step, lr, batch.weights, engine.start_train_step(batch, lr))
+            if pending:
+                finish(*pending)
+            pending = queued
+        finish(*pending)
+    bar.close()
     log.info("trained %d steps in %.1f s (%.2f steps/s)", len(rows), rows[-1]["seconds"],
              len(rows) / max(rows[-1]["seconds"], 1e-9))
     return rows

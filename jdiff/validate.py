@@ -15,7 +15,7 @@ from jdiff.tiny_model import ARCHITECTURES
 
 ENGINES = ("torch", "jittor")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "cuda-graphs")
 INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("model", "ddim")
@@ -130,6 +130,8 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("engine.compile", engine.compile, COMPILE_MODES)
     _check(engine.name != "jittor" or engine.compile == "no", "engine.compile", engine.compile,
            "Jittor compiles its kernels itself: use no, or engine=torch")
+    _check(engine.compile != "cuda-graphs" or str(engine.device) != "cpu", "engine.compile", engine.compile,
+           "CUDA graphs need a GPU: use engine.compile=no with engine.device=cpu")
     device = str(engine.device)
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

@@ -12,7 +12,7 @@
 # Choosing parts (space-separated lists): PARTS (default "sweeps torch jittor"), TORCH_SECTIONS (default
 # "check train scoring generate e2e profile"), JITTOR_SECTIONS (default "bench profile determinism"),
 # JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_PROFILE (default: those variants), JITTOR_BENCH (default "check,train,generate"); variant lists
-# for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E. ATTENTION=1 / KERNELS=1 add the GPU checks
+# for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E, TORCH_PROFILE. ATTENTION=1 / KERNELS=1 add the GPU checks
 # of the fused attention / the transpose and GroupNorm kernels to the Jittor track.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +27,8 @@ bench() { python3 -m jdiff.bench "$@" 2>&1 | grep -v "^\[\|it/s\]" | tail -25; }
 step install
 rm -rf /tmp/site /tmp/np1
 # numpy 1.26 apart (Jittor 1.3.11 needs numpy < 2; the machine's compiled packages need its numpy 2)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $(ls .whl/*.whl | grep -v numpy) || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/np1 .whl/numpy-*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site $(ls .whl/*.whl | grep -v numpy) || exit 1
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/np1 .whl/numpy-*.whl || exit 1
 TORCH_PATH=/tmp/site:$PWD
 JITTOR_PATH=/tmp/np1:/tmp/site:$PWD
 export PYTHONPATH=$TORCH_PATH
@@ -62,8 +62,8 @@ torch_track() {
     bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16,torch-bf16-graphs} --out "$OUT/generate_torch.json"; }; }
   want "$TS" e2e && { late "end to end" || { step "bench: one style end to end"
     bench --sections e2e --variants ${E2E:-torch-bf16-graphs} --out "$OUT/e2e.json"; }; }
-  want "$TS" profile && { late "profile" || { step "profile: torch-bf16-graphs"
-    python3 launch/profile_train.py --variant torch-bf16-graphs 2>&1 | grep -v "^\\[" | head -60; }; }
+  want "$TS" profile && { late "profile" || { step "profile: ${TORCH_PROFILE:-torch-bf16-graphs}"
+    python3 launch/profile_train.py --variant ${TORCH_PROFILE:-torch-bf16-graphs} 2>&1 | grep -v "^\\[" | head -60; }; }
   step "torch track done"
 }
 

@@ -96,13 +96,8 @@ def main() -> None:
     model_dir = ensure_tiny_model(Path(args.cache) / "models", architecture=args.model)
     engine = bench.load(args.variant, model_dir, args.device)
     batches = list(bench.train_batches(model_dir, args.resolution, engine.latent_shape(args.resolution), 4))
-    step = bench.train_step_of(args.variant, engine)
-    for k in range(args.warmup):
-        step(batches[k % len(batches)])
-
-    def run_steps():
-        for k in range(args.steps):
-            step(batches[k % len(batches)])
+    bench.run_steps(args.variant, engine, batches, args.warmup)
+    run_steps = lambda: bench.run_steps(args.variant, engine, batches, args.steps)
 
     print(f"{args.variant}, {args.model} at {args.resolution} px on {args.device}:")
     if args.variant.startswith("jittor"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -164,6 +164,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
         """One optimizer step; returns the per-sample losses (B,) before weighting."""
+
+    def start_train_step(self, batch: TrainBatch, lr: float) -> Callable[[], np.ndarray]:
+        """Queue one optimizer step; the returned function waits for it and gives its per-sample losses.
+
+        The training loop reads a step's losses only after queuing the next step, so an engine that runs
+        asynchronously keeps its device busy while the host prepares the next batch. This default runs the
+        step at once."""
+        losses = self.train_step(batch, lr)
+        return lambda: losses
 
     @abc.abstractmethod
     def generate(self, request: GenerateRequest) -> list[np.ndarray]:

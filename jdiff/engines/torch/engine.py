@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch
+from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
 
@@ -67,6 +68,16 @@ def out_of_memory_hint(what: str):
         ) from err
 
 
+class WeightCastingLinear(torch.nn.Linear):
+    """A linear layer that keeps fp32 weights and computes in its input's precision: the weights are cast on
+    each call (gradients flow back to the fp32 copy, as under autocast). LoRA's A and B in half-precision
+    models become this, so no activation is widened to fp32 around each adapted layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
 class TorchEngine(Engine):
     name = "torch"
 
@@ -100,9 +111,16 @@ class TorchEngine(Engine):
         # Compiled at the first call, after the LoRA layers are in; module names stay the same. The VAE encoder
         # runs every training step (the augmented images change), so it is compiled too.
         self.graphs = compile in ("reduce-overhead", "max-autotune")  # these modes replay CUDA graphs
-        if compile != "no":
+        if compile not in ("no", "cuda-graphs"):
             self.unet.compile(mode=compile)
             self.vae.encoder.compile(mode=compile)
+        # cuda-graphs: the whole training step and each sampling UNet call recorded as CUDA graphs, no compiler
+        if compile == "cuda-graphs" and self.device.type != "cuda":
+            raise EngineError("engine.compile=cuda-graphs records CUDA graphs and needs a CUDA GPU; on the CPU use "
+                              "engine.compile=no.")
+        self.capture: Optional[bool] = True if compile == "cuda-graphs" else None
+        self._train_call: Optional[CapturedCall] = None
+        self._unet_calls: Optional[CapturedCalls] = None
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -119,7 +137,18 @@ class TorchEngine(Engine):
         return (self.vae.config.latent_channels, resolution // factor, resolution // factor)
 
     def _tensor(self, array: np.ndarray, dtype=None) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype=dtype or self.dtype)
+        """A host array on the engine's device. On CUDA it goes through pinned memory without waiting, so the
+        host can queue the next step while the GPU still runs this one (a plain copy would wait for the GPU)."""
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, dtype=dtype or self.dtype, non_blocking=True)
+
+    def use_static_calls(self, capture: bool) -> None:
+        """Run training steps and sampling UNet calls through static input buffers, recorded as CUDA graphs
+        (``capture``; what engine.compile=cuda-graphs does) or run eagerly on those buffers (the same code
+        path without a GPU, for tests). Call before setup_training."""
+        self.capture = capture
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
@@ -138,10 +167,16 @@ class TorchEngine(Engine):
         if prefix == "text_encoder" and not hasattr(model, "text_model"):
             targets = [t.removeprefix("text_model.") for t in targets]
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
+        self._unet_calls = None  # recorded sampling calls do not have the new layers
         layers = self._lora_layers(prefix)
         for layer in layers.values():  # the adapter trains in fp32 even when the base model is half precision
-            layer.lora_A["default"].to(self.device, dtype=torch.float32)
-            layer.lora_B["default"].to(self.device, dtype=torch.float32)
+            for part in (layer.lora_A["default"], layer.lora_B["default"]):
+                part.to(self.device, dtype=torch.float32)
+                if self.dtype != torch.float32:
+                    part.__class__ = WeightCastingLinear
+            # peft would cast the layer's (large) input to fp32 and run the adapter in fp32; instead the (small)
+            # adapter weights are cast to the input's precision
+            layer.cast_input_dtype_enabled = self.dtype == torch.float32
         return layers
 
     @torch.no_grad()
@@ -174,13 +209,22 @@ class TorchEngine(Engine):
             if params:
                 groups.append({"params": params, "lr": settings.lr * ratio, "lr_ratio": ratio})
         self.trainable = [p for g in groups for p in g["params"]]
+        recorded = bool(self.capture)
         self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                           weight_decay=settings.weight_decay, fused=self.device.type == "cuda")
+                                           weight_decay=settings.weight_decay, fused=self.device.type == "cuda",
+                                           capturable=recorded)
+        if recorded:  # a recorded step reads the learning rate from the GPU; each step fills it in
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=self.device)
+        self._train_call = None
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="np").input_ids
+        return self._tensor(ids, torch.int64)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(self.tokenize(prompts))[0]
 
     @torch.no_grad()
     def _states_without_gradients(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -202,32 +246,76 @@ class TorchEngine(Engine):
         torch.compiler.cudagraph_mark_step_begin()
         return self.unet(latents, timesteps, encoder_hidden_states=states).sample.clone()
 
+    def step_inputs(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """A batch as the tensors of :meth:`_step_on_tensors`. The text goes in as token ids when the text
+        encoder trains (its states change every step), else as its kept states."""
+        if "text_encoder" in self.lora_settings:
+            text = self.tokenize(batch.prompts)
+        else:
+            text = self.training_prompt_states(batch.prompts)
+        f32 = torch.float32
+        return [self._tensor(batch.pixels), self._tensor(batch.posterior_noise), text,
+                self._tensor(batch.noise, f32), self._tensor(batch.signal, f32), self._tensor(batch.noise_level, f32),
+                self._tensor(batch.timesteps, torch.int64), self._tensor(batch.weights, f32)]
+
     def loss_terms(self, batch: TrainBatch) -> torch.Tensor:
         """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
+        return self._loss_on_tensors(*self.step_inputs(batch)[:-1])
+
+    def _loss_on_tensors(self, pixels, posterior_noise, text, noise, signal, noise_level, timesteps) -> torch.Tensor:
         with torch.no_grad():
-            latents = self.encode_images(self._tensor(batch.pixels), self._tensor(batch.posterior_noise)).float()
-        states = self.training_prompt_states(batch.prompts)
-        noise = self._tensor(batch.noise, torch.float32)
-        a = self._tensor(batch.signal, torch.float32).view(-1, 1, 1, 1)
-        s = self._tensor(batch.noise_level, torch.float32).view(-1, 1, 1, 1)
+            latents = self.encode_images(pixels, posterior_noise).float()
+        states = self.text_encoder(text)[0] if text.dtype == torch.int64 else text
+        a, s = signal.view(-1, 1, 1, 1), noise_level.view(-1, 1, 1, 1)
         noisy = a * latents + s * noise
-        timesteps = torch.from_numpy(batch.timesteps).to(self.device)
         pred = self.predict(noisy.to(self.dtype), timesteps, states).float()
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         return ((pred - target) ** 2).mean(dim=(1, 2, 3))
 
-    def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_ratio"]
-        with out_of_memory_hint("training"):
-            per_sample = self.loss_terms(batch)
-            loss = (per_sample * self._tensor(batch.weights, torch.float32)).sum()
-            loss.backward()
-            if self.settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
-            self.optimizer.step()
+    def _step_on_tensors(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        """Forward, backward, clipping and the AdamW update: everything of a step that runs on the device."""
+        *terms, weights = inputs
+        per_sample = self._loss_on_tensors(*terms)
+        (per_sample * weights).sum().backward()
+        if self.settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+        self.optimizer.step()
+        # A recorded step keeps its gradient buffers: each replay overwrites them.
+        if not (self.capture and torch.cuda.is_current_stream_capturing()):
             self.optimizer.zero_grad(set_to_none=True)
-        return per_sample.detach().cpu().numpy()
+        return (per_sample.detach(),)
+
+    def start_train_step(self, batch: TrainBatch, lr: float):
+        for group in self.optimizer.param_groups:
+            value = lr * group["lr_ratio"]
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+        if self.capture is not None and self._train_call is None:
+            self._train_call = CapturedCall(self._step_on_tensors, warmup=2, capture=self.capture)
+        with out_of_memory_hint("training"):
+            inputs = self.step_inputs(batch)
+            (per_sample,) = (self._train_call or self._step_on_tensors)(*inputs)
+            return self._to_host_later(per_sample)
+
+    def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
+        return self.start_train_step(batch, lr)()
+
+    def _to_host_later(self, values: torch.Tensor):
+        """Start copying ``values`` to the host; the returned function waits for the copy and gives numpy."""
+        if self.device.type != "cuda":
+            result = values.detach().cpu().numpy().copy()
+            return lambda: result
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> np.ndarray:
+            done.synchronize()
+            return host.numpy().copy()
+        return wait
 
     # -- sampling -----------------------------------------------------------------------------------------
 
@@ -242,8 +330,20 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def generate(self, request: GenerateRequest) -> list[np.ndarray]:
+        if self._train_call is not None:  # a recorded step's memory goes back before sampling records its own
+            self._train_call = None
+            self.optimizer.zero_grad(set_to_none=True)
         with out_of_memory_hint("generating images"):
             return self._generate(request)
+
+    def _sampling_prediction(self, model_input: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        if self.capture is None:
+            return self.predict(model_input, t, states)
+        if self._unet_calls is None:
+            self._unet_calls = CapturedCalls(lambda x, step, s: (self.unet(x, step, encoder_hidden_states=s).sample,),
+                                             warmup=1, capture=self.capture)
+        # a copy: some samplers keep past predictions, and the next replay overwrites the recorded output
+        return self._unet_calls(model_input, t.reshape(()), states)[0].clone()
 
     def _generate(self, req: GenerateRequest) -> list[np.ndarray]:
         n = len(req.prompts)
@@ -270,7 +370,7 @@ class TorchEngine(Engine):
         for t in timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)
-            pred = self.predict(model_input, t, states)
+            pred = self._sampling_prediction(model_input, t, states)
             if guided:
                 uncond, text = pred.chunk(2)
                 pred = uncond + req.guidance_scale * (text - uncond)
