@@ -174,3 +174,29 @@ def test_half_precision_adapters_keep_fp32_weights_but_compute_in_half(tiny_mode
     assert all(p.dtype == torch.float32 for p in engine.trainable)  # the master weights stay fp32
     ups = [layer.lora_B["default"].weight for layer in engine._lora_layers("unet").values()]
     assert all(bool(b.abs().sum() > 0) for b in ups[1:])  # B started at 0: gradients reached every adapter
+
+
+def test_a_failed_recording_names_the_setting_to_change(tiny_model_dir, monkeypatch):
+    """Without a GPU the recording itself cannot run; a stand-in graph fails the way an unrecordable op does."""
+    import jdiff.engines.torch.graphs as graphs
+
+    class Unrecordable:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(graphs.torch.cuda, "graph", Unrecordable)
+    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine.use_static_calls(capture=True)
+    engine.add_lora(LoraSpec(unet_rank=2, unet_alpha=2.0, unet_targets=("to_q",)))
+    engine.setup_training(SETTINGS)
+    engine._train_call = CapturedCall(engine._step_on_tensors, warmup=0, capture=True)
+    with pytest.raises(EngineError, match=r"could not record a CUDA graph while training \(operation not permitted "
+                                          r"when stream is capturing\)\. Run with engine.compile=no"):
+        engine.train_step(batches(tiny_model_dir, 1)[0], 1e-3)

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch
-from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls
+from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
 
@@ -65,6 +65,11 @@ def out_of_memory_hint(what: str):
         raise EngineError(
             f"out of GPU memory while {what}. Try engine.mixed_precision=bf16, a smaller train.batch_size or "
             f"infer.batch_size, or a free GPU ({err})"
+        ) from err
+    except CaptureError as err:
+        raise EngineError(
+            f"engine.compile=cuda-graphs could not record a CUDA graph while {what} ({err}). Run with "
+            f"engine.compile=no, or reduce-overhead (torch.compile records what it can and runs the rest eagerly)"
         ) from err
 
 

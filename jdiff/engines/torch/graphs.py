@@ -15,6 +15,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
+class CaptureError(RuntimeError):
+    """Recording a CUDA graph failed: the function does something a graph cannot hold."""
+
+
 class CapturedCall:
     """``fn(*static_inputs)`` replayed from a CUDA graph; every call copies its inputs into the static buffers.
 
@@ -47,11 +51,15 @@ class CapturedCall:
         if self.calls <= self.warmup:
             return self._eager_on_side_stream()
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with torch.cuda.graph(self.graph):
-                    self.outputs = self.fn(*self.inputs)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with torch.cuda.graph(graph):
+                        self.outputs = self.fn(*self.inputs)
+            except RuntimeError as err:  # an op that waits for the GPU or reads a value back cannot be recorded
+                raise CaptureError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+            self.graph = graph
         self.graph.replay()
         return self.outputs
 
