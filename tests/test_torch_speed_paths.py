@@ -200,3 +200,10 @@ def test_a_failed_recording_names_the_setting_to_change(tiny_model_dir, monkeypa
     with pytest.raises(EngineError, match=r"could not record a CUDA graph while training \(operation not permitted "
                                           r"when stream is capturing\)\. Run with engine.compile=no"):
         engine.train_step(batches(tiny_model_dir, 1)[0], 1e-3)
+
+
+def test_the_fast_engine_preset_is_the_documented_setting(jdiff_root):
+    preset = compose_config(QUICK + ["engine=torch_fast"], jdiff_root).engine
+    spelled = compose_config(QUICK + ["engine=torch", "engine.device=cuda", "engine.mixed_precision=bf16",
+                                      "engine.compile=cuda-graphs"], jdiff_root).engine
+    assert preset == spelled
