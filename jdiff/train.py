@@ -6,6 +6,7 @@ what came before it, and both engines train on exactly the same data.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -96,19 +97,31 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     draw = lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
                                    latent_shape)
     pending = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as worker:
-        upcoming = worker.submit(draw, 0)
-        for step in range(cfg.train.steps):
-            batch = upcoming.result()
-            if step + 1 < cfg.train.steps:
-                upcoming = worker.submit(draw, step + 1)
-            lr = learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule, cfg.train.lr_warmup_steps)
-            queued = (step, lr, batch.weights, engine.start_train_step(batch, lr))
-            if pending:
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as worker:
+            upcoming = worker.submit(draw, 0)
+            for step in range(cfg.train.steps):
+                batch = upcoming.result()
+                if step + 1 < cfg.train.steps:
+                    upcoming = worker.submit(draw, step + 1)
+                lr = learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule,
+                                   cfg.train.lr_warmup_steps)
+                queued = (step, lr, batch.weights, engine.start_train_step(batch, lr))
+                if pending:
+                    finish(*pending)
+                pending = queued
+            finish(*pending)
+            pending = None
+    except BaseException:
+        # a step failed (or the run was stopped): keep the losses of the steps that did finish
+        if pending:
+            with contextlib.suppress(Exception):
                 finish(*pending)
-            pending = queued
-        finish(*pending)
-    bar.close()
+        if rows:
+            write_loss_log(loss_log, rows)
+        raise
+    finally:
+        bar.close()
     log.info("trained %d steps in %.1f s (%.2f steps/s)", len(rows), rows[-1]["seconds"],
              len(rows) / max(rows[-1]["seconds"], 1e-9))
     return rows

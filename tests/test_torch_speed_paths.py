@@ -207,3 +207,56 @@ def test_the_fast_engine_preset_is_the_documented_setting(jdiff_root):
     spelled = compose_config(QUICK + ["engine=torch", "engine.device=cuda", "engine.mixed_precision=bf16",
                                       "engine.compile=cuda-graphs"], jdiff_root).engine
     assert preset == spelled
+
+
+def test_a_failed_step_keeps_the_losses_of_the_steps_before_it(tiny_model_dir, jdiff_root, tmp_path):
+    cfg = compose_config(QUICK + ["engine=torch", "engine.device=cpu", "prior=off", "train.steps=5"], jdiff_root)
+    write_demo_styles(Path(cfg.data.root))
+    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine.add_lora(LoraSpec(unet_rank=2, unet_alpha=2.0, unet_targets=("to_q",)))
+    watched = QueueWatcher(engine)
+    start = watched.start_train_step
+
+    def fail_at_step_3(batch, lr):
+        if sum(1 for e in watched.events if e[0] == "queued") == 3:
+            raise EngineError("out of GPU memory while training (simulated)")
+        return start(batch, lr)
+
+    watched.start_train_step = fail_at_step_3
+    with pytest.raises(EngineError, match="simulated"):
+        train_lora(watched, cfg, load_style(Path(cfg.data.root), "00"), [], [], NoiseSchedule.from_model(tiny_model_dir),
+                   tmp_path / "loss.csv")
+    logged = (tmp_path / "loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in logged] == ["step", "1", "2", "3"]  # step 3 was queued before the failure
+
+
+def test_a_recording_error_reports_the_op_that_failed_not_the_aftermath():
+    from jdiff.engines.torch.graphs import first_cause
+
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\ndetail")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as err:
+        assert first_cause(err) == "CUDA error: operation not permitted when stream is capturing"
+
+
+def test_running_out_of_memory_while_recording_stays_an_out_of_memory_error(monkeypatch):
+    import jdiff.engines.torch.graphs as graphs
+
+    class OutOfMemory:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(graphs.torch.cuda, "graph", OutOfMemory)
+    call = CapturedCall(lambda x: (x,), warmup=0, capture=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the engine turns this into its out-of-memory advice
+        call(torch.ones(2))

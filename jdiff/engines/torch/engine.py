@@ -75,8 +75,8 @@ def out_of_memory_hint(what: str):
 
 class WeightCastingLinear(torch.nn.Linear):
     """A linear layer that keeps fp32 weights and computes in its input's precision: the weights are cast on
-    each call (gradients flow back to the fp32 copy, as under autocast). LoRA's A and B in half-precision
-    models become this, so no activation is widened to fp32 around each adapted layer."""
+    each call (gradients flow back to the fp32 copy, as under autocast). LoRA's A and B in bf16 models
+    become this, so no activation is widened to fp32 around each adapted layer."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -177,11 +177,12 @@ class TorchEngine(Engine):
         for layer in layers.values():  # the adapter trains in fp32 even when the base model is half precision
             for part in (layer.lora_A["default"], layer.lora_B["default"]):
                 part.to(self.device, dtype=torch.float32)
-                if self.dtype != torch.float32:
+                if self.dtype == torch.bfloat16:
                     part.__class__ = WeightCastingLinear
-            # peft would cast the layer's (large) input to fp32 and run the adapter in fp32; instead the (small)
-            # adapter weights are cast to the input's precision
-            layer.cast_input_dtype_enabled = self.dtype == torch.float32
+            # peft would cast the layer's (large) input to fp32 and run the adapter in fp32; in bf16 the (small)
+            # adapter weights are cast to the input's precision instead. fp16 keeps fp32 adapters: this engine
+            # has no loss scaling, and fp16 adapter gradients would underflow.
+            layer.cast_input_dtype_enabled = self.dtype != torch.bfloat16
         return layers
 
     @torch.no_grad()
@@ -221,7 +222,7 @@ class TorchEngine(Engine):
         if recorded:  # a recorded step reads the learning rate from the GPU; each step fills it in
             for group in self.optimizer.param_groups:
                 group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=self.device)
-        self._train_call = None
+        self._drop_train_call()
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -307,6 +308,14 @@ class TorchEngine(Engine):
     def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
         return self.start_train_step(batch, lr)()
 
+    def _drop_train_call(self) -> None:
+        """Forget the recorded step and its gradient buffers (the graph's memory), which a recorded step keeps
+        in each adapter's ``.grad``; a plain step would add to them."""
+        if self._train_call is not None:
+            self._train_call = None
+            for p in self.trainable:
+                p.grad = None
+
     def _to_host_later(self, values: torch.Tensor):
         """Start copying ``values`` to the host; the returned function waits for the copy and gives numpy."""
         if self.device.type != "cuda":
@@ -335,9 +344,7 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def generate(self, request: GenerateRequest) -> list[np.ndarray]:
-        if self._train_call is not None:  # a recorded step's memory goes back before sampling records its own
-            self._train_call = None
-            self.optimizer.zero_grad(set_to_none=True)
+        self._drop_train_call()  # a recorded step's memory goes back before sampling records its own
         with out_of_memory_hint("generating images"):
             return self._generate(request)
 

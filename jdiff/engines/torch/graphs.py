@@ -19,6 +19,16 @@ class CaptureError(RuntimeError):
     """Recording a CUDA graph failed: the function does something a graph cannot hold."""
 
 
+def first_cause(err: BaseException) -> str:
+    """The first line of the earliest error in ``err``'s chain. When an op fails while a graph records, ending
+    the recording fails too, and that second error ("operation failed due to a previous error during
+    capture") is the one raised; the op's own error is its context."""
+    while isinstance(err.__context__, RuntimeError):
+        err = err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class CapturedCall:
     """``fn(*static_inputs)`` replayed from a CUDA graph; every call copies its inputs into the static buffers.
 
@@ -57,8 +67,10 @@ class CapturedCall:
                     warnings.simplefilter("ignore")
                     with torch.cuda.graph(graph):
                         self.outputs = self.fn(*self.inputs)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as err:  # an op that waits for the GPU or reads a value back cannot be recorded
-                raise CaptureError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+                raise CaptureError(first_cause(err)) from err
             self.graph = graph
         self.graph.replay()
         return self.outputs
@@ -70,7 +82,10 @@ class CapturedCall:
             # a capturable optimizer warns when it steps outside a graph; these steps are the warm-up
             warnings.filterwarnings("ignore", message=".*capturable.*")
             out = self.fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        main = torch.cuda.current_stream()
+        main.wait_stream(side)
+        for tensor in out:  # made on the side stream, used on this one: not to be reused before this one is done
+            tensor.record_stream(main)
         return out
 
 
