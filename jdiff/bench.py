@@ -214,14 +214,9 @@ def run_steps(variant: str, engine, batches: list, count: int) -> None:
         for k in range(count):
             engine.train_step(batches[k % len(batches)])
         return
-    pending = None
-    for k in range(count):
-        queued = engine.start_train_step(batches[k % len(batches)], 1e-4)
-        if pending:
-            pending()
-        pending = queued
-    if pending:
-        pending()
+    from jdiff.train import run_one_ahead
+
+    run_one_ahead(engine, ((batches[k % len(batches)], 1e-4) for k in range(count)), lambda *done: None)
 
 
 def numbers_to_check(variant: str, engine, model_dir: Path, latent: tuple, args) -> dict:

@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 from omegaconf import DictConfig
@@ -81,9 +82,8 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     started = time.perf_counter()
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step")
 
-    def finish(step: int, lr: float, weights: np.ndarray, losses) -> None:
-        per_sample = losses()
-        rows.append({"step": step + 1, "lr": lr, "loss": float((per_sample * weights).sum()),
+    def record(step: int, lr: float, batch: TrainBatch, per_sample: np.ndarray) -> None:
+        rows.append({"step": step + 1, "lr": lr, "loss": float((per_sample * batch.weights).sum()),
                      "style_loss": float(per_sample[:n].mean()),
                      "prior_loss": float(per_sample[n:].mean()) if len(per_sample) > n else 0.0,
                      "seconds": round(time.perf_counter() - started, 3)})
@@ -92,31 +92,23 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
         if (step + 1) % 50 == 0 or step + 1 == cfg.train.steps:
             write_loss_log(loss_log, rows)
 
-    # The next batch is drawn on a worker thread (augmentation is CPU work), and a step's losses are read
-    # only after the next step is queued, so neither waits for the other. Batches depend on (seed, step) only.
-    draw = lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
-                                   latent_shape)
-    pending = None
+    def steps(worker: ThreadPoolExecutor):
+        """(batch, lr) of each step; the next batch is drawn on the worker thread (augmentation is CPU work)
+        while the engine runs this one. Batches depend on (seed, step) only."""
+        draw = lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
+                                       latent_shape)
+        upcoming = worker.submit(draw, 0)
+        for step in range(cfg.train.steps):
+            batch = upcoming.result()
+            if step + 1 < cfg.train.steps:
+                upcoming = worker.submit(draw, step + 1)
+            yield batch, learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule,
+                                       cfg.train.lr_warmup_steps)
+
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as worker:
-            upcoming = worker.submit(draw, 0)
-            for step in range(cfg.train.steps):
-                batch = upcoming.result()
-                if step + 1 < cfg.train.steps:
-                    upcoming = worker.submit(draw, step + 1)
-                lr = learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule,
-                                   cfg.train.lr_warmup_steps)
-                queued = (step, lr, batch.weights, engine.start_train_step(batch, lr))
-                if pending:
-                    finish(*pending)
-                pending = queued
-            finish(*pending)
-            pending = None
-    except BaseException:
-        # a step failed (or the run was stopped): keep the losses of the steps that did finish
-        if pending:
-            with contextlib.suppress(Exception):
-                finish(*pending)
+            run_one_ahead(engine, steps(worker), record)
+    except BaseException:  # a step failed (or the run was stopped): keep the losses of the steps that finished
         if rows:
             write_loss_log(loss_log, rows)
         raise
@@ -125,6 +117,33 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     log.info("trained %d steps in %.1f s (%.2f steps/s)", len(rows), rows[-1]["seconds"],
              len(rows) / max(rows[-1]["seconds"], 1e-9))
     return rows
+
+
+def run_one_ahead(engine: Engine, steps: Iterable[tuple[TrainBatch, float]],
+                  record: Callable[[int, float, TrainBatch, np.ndarray], None]) -> None:
+    """Train on ``steps`` ((batch, lr) pairs), reading step k's per-sample losses (for ``record(k, lr, batch,
+    losses)``) only after step k+1 is queued, so the host prepares the next step while the device runs this
+    one. When a step fails, the step queued before it is still recorded, if its losses can be read."""
+    pending = None
+    try:
+        for step, (batch, lr) in enumerate(steps):
+            queued = (step, lr, batch, engine.start_train_step(batch, lr))
+            if pending:
+                _record(pending, record)
+            pending = queued
+        if pending:
+            _record(pending, record)
+            pending = None
+    except BaseException:
+        if pending:
+            with contextlib.suppress(Exception):
+                _record(pending, record)
+        raise
+
+
+def _record(queued: tuple, record: Callable) -> None:
+    step, lr, batch, losses = queued
+    record(step, lr, batch, losses())
 
 
 def write_loss_log(path: Path, rows: list[dict]) -> None:
