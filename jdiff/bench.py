@@ -44,6 +44,12 @@ VARIANTS = {
     "torch-bf16-graphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "reduce-overhead"},
     "torch-cudagraphs": {"engine": "torch", "compile": "cuda-graphs"},
     "torch-bf16-cudagraphs": {"engine": "torch", "mixed_precision": "bf16", "compile": "cuda-graphs"},
+    "torch-bf16-cudagraphs-cl": {"engine": "torch", "mixed_precision": "bf16", "compile": "cuda-graphs",
+                                 "channels_last": True},
+    "torch-bf16-cudagraphs-triton": {"engine": "torch", "mixed_precision": "bf16", "compile": "cuda-graphs",
+                                     "group_norm": "triton"},
+    "torch-bf16-cudagraphs-triton-cl": {"engine": "torch", "mixed_precision": "bf16", "compile": "cuda-graphs",
+                                        "group_norm": "triton", "channels_last": True},
     "jittor": {"engine": "jittor"},
     "jittor-fp16": {"engine": "jittor", "mixed_precision": "fp16"},
 }

@@ -52,6 +52,10 @@ class EngineConfig:
     # + CUDA graphs, max-autotune; the first steps compile, minutes on a GPU), or cuda-graphs: no compiler,
     # the whole training step and each sampling UNet call recorded as CUDA graphs (seconds; GPU only).
     compile: str = "no"
+    # torch only: GroupNorm by PyTorch (native) or by jdiff's Triton kernels (triton: statistics split over many
+    # blocks, channels-last kept; CUDA only), and the UNet and VAE in channels-last memory format.
+    group_norm: str = "native"
+    channels_last: bool = False
 
 
 @dataclass

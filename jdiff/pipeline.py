@@ -89,7 +89,8 @@ class Run:
             self._engine = create_engine(e.name, self.model_dir, device=e.device, mixed_precision=e.mixed_precision,
                                          prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle,
                                          threads=e.threads, deterministic=self.cfg.deterministic,
-                                         compile=e.compile)
+                                         compile=e.compile, group_norm=e.group_norm,
+                                         channels_last=e.channels_last)
             self.seconds["load_engine"] = round(time.perf_counter() - started, 2)
         return self._engine
 

@@ -11,11 +11,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from jdiff.config import STAGES
+from jdiff.engines.base import triton_interpreting
 from jdiff.tiny_model import ARCHITECTURES
 
 ENGINES = ("torch", "jittor")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "cuda-graphs")
+GROUP_NORMS = ("native", "triton")
 INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("model", "ddim")
@@ -132,6 +134,12 @@ def validate_config(cfg: DictConfig) -> None:
            "Jittor compiles its kernels itself: use no, or engine=torch")
     _check(engine.compile != "cuda-graphs" or str(engine.device) != "cpu", "engine.compile", engine.compile,
            "CUDA graphs need a GPU: use engine.compile=no with engine.device=cpu")
+    _one_of("engine.group_norm", engine.group_norm, GROUP_NORMS)
+    _check(engine.name == "torch" or (engine.group_norm == "native" and not engine.channels_last),
+           "engine.group_norm/channels_last", f"{engine.group_norm}/{engine.channels_last}",
+           "these are torch engine settings: use engine=torch, or leave them at native/false")
+    _check(engine.group_norm != "triton" or str(engine.device) != "cpu" or triton_interpreting(), "engine.group_norm",
+           engine.group_norm, "the Triton GroupNorm runs on CUDA GPUs: use engine.group_norm=native with engine.device=cpu")
     device = str(engine.device)
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

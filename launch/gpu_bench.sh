@@ -10,7 +10,7 @@
 #      a profile, determinism
 # Stops starting new steps after ${DEADLINE_MIN:-17} minutes, so that what was measured comes back.
 # Choosing parts (space-separated lists): PARTS (default "sweeps torch jittor"), TORCH_SECTIONS (default
-# "check train scoring generate e2e profile"), JITTOR_SECTIONS (default "bench profile determinism"),
+# "check train scoring generate e2e profile"; group_norm adds the Triton GroupNorm check), JITTOR_SECTIONS (default "bench profile determinism"),
 # JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_PROFILE (default: those variants), JITTOR_BENCH (default "check,train,generate"); variant lists
 # for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E, TORCH_PROFILE. ATTENTION=1 / KERNELS=1 add the GPU checks
 # of the fused attention / the transpose and GroupNorm kernels to the Jittor track.
@@ -51,6 +51,8 @@ fi
 
 torch_track() {
   export PYTHONPATH=$TORCH_PATH CUDA_VISIBLE_DEVICES=0
+  if want "$TS" group_norm; then step "the Triton GroupNorm against PyTorch's, SD 2.1 shapes"
+    python3 launch/check_group_norm.py --out "$OUT/group_norm.json" 2>&1 | tail -45; fi
   if want "$TS" check; then step "bench: the speed paths against the fp32 torch engine"
     bench --sections check --variants ${TORCH_CHECK:-torch,torch-cudagraphs,torch-bf16-cudagraphs} --out "$OUT/check_torch.json"; fi
   touch "$OUT/reference_ready"

@@ -7,6 +7,7 @@ engines see the same random numbers and can be checked against each other.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -179,21 +180,30 @@ class Engine(abc.ABC):
         """Sample images; returns uint8 (H, W, 3) arrays, one per prompt."""
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1): how tests run them without a
+    GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                   prediction_type: Optional[str] = None, allow_pickle: bool = False,
-                  threads: Optional[int] = None, deterministic: bool = False, compile: str = "no") -> Engine:
+                  threads: Optional[int] = None, deterministic: bool = False, compile: str = "no",
+                  group_norm: str = "native", channels_last: bool = False) -> Engine:
     """Import the engine only when asked: the core never imports a deep-learning framework itself.
 
     ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
     results where the framework has deterministic kernels, at some cost in speed; ``compile``: the
-    torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager).
+    torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager); ``group_norm`` and
+    ``channels_last``: the torch engine's GroupNorm kernels and memory format (see TorchEngine).
     """
     if name == "torch":
         from jdiff.engines.torch.engine import TorchEngine
 
         return TorchEngine(model_dir, device=device, mixed_precision=mixed_precision,
                            prediction_type=prediction_type, allow_pickle=allow_pickle,
-                           threads=threads, deterministic=deterministic, compile=compile)
+                           threads=threads, deterministic=deterministic, compile=compile,
+                           group_norm=group_norm, channels_last=channels_last)
     if name == "jittor":  # Jittor's CPU kernels take no thread or determinism settings from jdiff yet
         from jdiff.engines.jittor.engine import JittorEngine
 

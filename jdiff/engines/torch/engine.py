@@ -7,6 +7,7 @@ Jittor one see the same numbers.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch
+from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, triton_interpreting
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
@@ -88,7 +89,8 @@ class TorchEngine(Engine):
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                  prediction_type: Optional[str] = None, allow_pickle: bool = False,
-                 threads: Optional[int] = None, deterministic: bool = False, compile: str = "no"):
+                 threads: Optional[int] = None, deterministic: bool = False, compile: str = "no",
+                 group_norm: str = "native", channels_last: bool = False):
         configure_torch(threads, deterministic)
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
@@ -113,6 +115,7 @@ class TorchEngine(Engine):
             model.requires_grad_(False)
             model.eval()
             model.to(self.device)
+        self._convolution_layout(group_norm, channels_last)
         # Compiled at the first call, after the LoRA layers are in; module names stay the same. The VAE encoder
         # runs every training step (the augmented images change), so it is compiled too.
         self.graphs = compile in ("reduce-overhead", "max-autotune")  # these modes replay CUDA graphs
@@ -130,6 +133,26 @@ class TorchEngine(Engine):
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
+
+    def _convolution_layout(self, group_norm: str, channels_last: bool) -> None:
+        """GroupNorm by jdiff's Triton kernels (``group_norm=triton``) and the convolution networks in channels-last
+        memory format. cuDNN runs half-precision convolutions in NHWC and converts NCHW tensors around each one;
+        PyTorch's CUDA GroupNorm returns NCHW, so channels-last alone mostly moves the conversions to the norms.
+        The Triton GroupNorm keeps its input's memory format."""
+        if group_norm not in ("native", "triton"):
+            raise EngineError(f"engine.group_norm={group_norm!r} is unknown; use native or triton")
+        if group_norm == "triton":
+            if importlib.util.find_spec("triton") is None:
+                raise EngineError("engine.group_norm=triton needs Triton (pip install triton; PyTorch's CUDA builds "
+                                  "for Linux bring it). Use engine.group_norm=native.")
+            if self.device.type != "cuda" and not triton_interpreting():
+                raise EngineError("engine.group_norm=triton runs on CUDA GPUs; on the CPU use engine.group_norm=native.")
+            from jdiff.engines.torch.group_norm import use_triton_group_norm
+
+            use_triton_group_norm(self.vae, self.unet)
+        if channels_last:
+            for model in (self.vae, self.unet):
+                model.to(memory_format=torch.channels_last)
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
