@@ -54,18 +54,18 @@ torch_track() {
   if want "$TS" group_norm; then step "the Triton GroupNorm against PyTorch's, SD 2.1 shapes"
     python3 launch/check_group_norm.py --out "$OUT/group_norm.json" 2>&1 | tail -45; fi
   if want "$TS" check; then step "bench: the speed paths against the fp32 torch engine"
-    bench --sections check --variants ${TORCH_CHECK:-torch,torch-cudagraphs,torch-bf16-cudagraphs} --out "$OUT/check_torch.json"; fi
+    bench --sections check --variants ${TORCH_CHECK:-torch,torch-cudagraphs,torch-bf16-cudagraphs,torch-bf16-cudagraphs-triton-cl} --out "$OUT/check_torch.json"; fi
   touch "$OUT/reference_ready"
   want "$TS" train && { late "torch training" || { step "bench: torch training"
-    bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-cudagraphs} --out "$OUT/train_torch.json"; }; }
+    bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-cudagraphs,torch-bf16-cudagraphs-triton-cl} --out "$OUT/train_torch.json"; }; }
   want "$TS" scoring && { late "scoring" || { step "scoring speed"
     python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20; }; }
   want "$TS" generate && { late "torch generation" || { step "bench: torch generation"
-    bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16,torch-bf16-cudagraphs} --out "$OUT/generate_torch.json"; }; }
+    bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16-cudagraphs,torch-bf16-cudagraphs-triton-cl} --out "$OUT/generate_torch.json"; }; }
+  want "$TS" profile && { late "profile" || { step "profile: ${TORCH_PROFILE:-torch-bf16-cudagraphs-triton-cl}"
+    python3 launch/profile_train.py --variant ${TORCH_PROFILE:-torch-bf16-cudagraphs-triton-cl} 2>&1 | grep -v "^\\[" | head -60; }; }
   want "$TS" e2e && { late "end to end" || { step "bench: one style end to end"
-    bench --sections e2e --variants ${E2E:-torch-bf16-cudagraphs} --out "$OUT/e2e.json"; }; }
-  want "$TS" profile && { late "profile" || { step "profile: ${TORCH_PROFILE:-torch-bf16-cudagraphs}"
-    python3 launch/profile_train.py --variant ${TORCH_PROFILE:-torch-bf16-cudagraphs} 2>&1 | grep -v "^\\[" | head -60; }; }
+    bench --sections e2e --variants ${E2E:-torch-bf16-cudagraphs-triton-cl} --out "$OUT/e2e.json"; }; }
   step "torch track done"
 }
 

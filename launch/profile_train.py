@@ -1,6 +1,6 @@
 """Where a training step's time goes (#6): a profiler over a few steps of one bench variant.
 
-    python launch/profile_train.py --variant torch-bf16-cudagraphs
+    python launch/profile_train.py --variant torch-bf16-cudagraphs-triton-cl
     python launch/profile_train.py --variant jittor-fp16 --steps 5 --rows 30
     python launch/profile_train.py --variant jittor --model tiny --resolution 64 --device cpu   # a smoke run
 
@@ -81,7 +81,7 @@ def jittor_profile(run_steps, steps: int, rows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="torch-bf16-cudagraphs", choices=list(bench.VARIANTS))
+    parser.add_argument("--variant", default="torch-bf16-cudagraphs-triton-cl", choices=list(bench.VARIANTS))
     parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--resolution", type=int, default=512)

@@ -205,7 +205,8 @@ def test_a_failed_recording_names_the_setting_to_change(tiny_model_dir, monkeypa
 def test_the_fast_engine_preset_is_the_documented_setting(jdiff_root):
     preset = compose_config(QUICK + ["engine=torch_fast"], jdiff_root).engine
     spelled = compose_config(QUICK + ["engine=torch", "engine.device=cuda", "engine.mixed_precision=bf16",
-                                      "engine.compile=cuda-graphs"], jdiff_root).engine
+                                      "engine.compile=cuda-graphs", "engine.group_norm=triton",
+                                      "engine.channels_last=true"], jdiff_root).engine
     assert preset == spelled
 
 

@@ -21,6 +21,8 @@ them without a GPU.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,8 @@ from jdiff.engines.base import triton_interpreting
 
 TARGET_PROGRAMS = 1024  # programs per launch to aim for: several waves on the largest GPUs
 TILE = 4096  # elements (channels x positions) one program holds at a time
+SPAN_CHUNK = 128  # channels-last: spans a per-group kernel adds up at a time
+SIZE_ARGUMENTS = ("P", "C", "CG", "G", "TILES", "TILES_PER_SPLIT", "SPLITS")
 
 
 def _next_pow2(n: int) -> int:
@@ -52,30 +56,60 @@ def _flattenable(x: torch.Tensor) -> torch.Tensor:
     return x if strides(x) is not None else x.contiguous()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 class Plan:
-    """How one (N, C, positions) tensor is cut: a program per (sample, group, span of position tiles)."""
+    """How one (N, C, positions) tensor is cut into programs.
+
+    NCHW (``by_group``): a program per (sample, group, span of position tiles); a group's values are one
+    contiguous run. Channels-last: a program per (sample, span of positions) covering every channel, so each
+    position's channels are one contiguous read; a small kernel per (sample, group) then adds up the spans."""
 
     def __init__(self, x: torch.Tensor, num_groups: int):
         self.n, self.c = x.shape[:2]
         self.positions = x[0, 0].numel()
         self.groups = num_groups
         self.group_channels = self.c // num_groups
+        self.by_group = strides(x)[1] != 1 or self.c == 1
         self.block_c = _next_pow2(self.group_channels)
-        self.block_p = min(max(16, TILE // self.block_c), _next_pow2(self.positions))
-        tiles = -(-self.positions // self.block_p)
-        rows = self.n * num_groups
-        splits = min(tiles, max(1, -(-TARGET_PROGRAMS // rows)))
-        self.tiles_per_split = -(-tiles // splits)
-        self.splits = -(-tiles // self.tiles_per_split)
-        self.tiles = tiles
-        self.block_s = _next_pow2(self.splits)
+        if self.by_group:
+            self.block_p = min(max(16, TILE // self.block_c), _next_pow2(self.positions))
+            rows = self.n * num_groups
+        else:
+            self.block_all = _next_pow2(self.c)
+            self.block_p = min(max(1, TILE // self.block_all), _next_pow2(self.positions))
+            rows = self.n
+        self.tiles = _cdiv(self.positions, self.block_p)
+        splits = min(self.tiles, max(1, _cdiv(TARGET_PROGRAMS, rows)))
+        self.tiles_per_split = _cdiv(self.tiles, splits)
+        self.splits = _cdiv(self.tiles, self.tiles_per_split)
+        self.block_s = _next_pow2(self.splits) if self.by_group else SPAN_CHUNK
         self.grid = (rows, self.splits)
+        self.group_grid = (self.n * num_groups,)
         self.count = float(self.group_channels * self.positions)
 
     def common(self) -> dict:
-        return dict(P=self.positions, CG=self.group_channels, G=self.groups, TILES=self.tiles,
-                    TILES_PER_SPLIT=self.tiles_per_split, SPLITS=self.splits,
-                    BLOCK_C=self.block_c, BLOCK_P=self.block_p)
+        if self.by_group:
+            return dict(P=self.positions, CG=self.group_channels, G=self.groups, TILES=self.tiles,
+                        TILES_PER_SPLIT=self.tiles_per_split, SPLITS=self.splits,
+                        BLOCK_C=self.block_c, BLOCK_P=self.block_p)
+        return dict(P=self.positions, C=self.c, CG=self.group_channels, G=self.groups, TILES=self.tiles,
+                    TILES_PER_SPLIT=self.tiles_per_split, SPLITS=self.splits, BLOCK_P=self.block_p,
+                    BLOCK_ALL=self.block_all)
+
+    def per_group(self) -> dict:
+        return dict(C=self.c, G=self.groups, CG=self.group_channels, SPLITS=self.splits, BLOCK_S=self.block_s,
+                    BLOCK_C=self.block_c)
+
+
+def _kernel(fn):
+    """``triton.jit`` that does not specialize on the sizes (Triton compiles a variant for each value pattern of a
+    specialized integer: one per layer shape, half a minute of compiling on a cold cache). Strides stay
+    specialized: a stride of 1 is what lets the loads vectorize."""
+    sizes = [name for name in inspect.signature(fn).parameters if name in SIZE_ARGUMENTS]
+    return triton.jit(fn, do_not_specialize=sizes)
 
 
 @triton.jit
@@ -92,7 +126,7 @@ def _group_start(row, sn, sc, G, CG):
     g = row % G
     return n.to(tl.int64) * sn + (g * CG).to(tl.int64) * sc
 
-@triton.jit
+@_kernel
 def _partial_sums(x_ptr, part_ptr, sn, sc, sp, P, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0)
@@ -111,7 +145,7 @@ def _partial_sums(x_ptr, part_ptr, sn, sc, sp, P, CG, G, TILES, TILES_PER_SPLIT,
     tl.store(out, tl.sum(tl.sum(acc, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
 
-@triton.jit
+@_kernel
 def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, sn, sc, sp, yn, yc, yp, eps, count,
                P, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -141,7 +175,7 @@ def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, sn, sc, sp, yn, 
         out, _ = _tile(y_ptr, y_start, yc, yp, t, P, CG, BLOCK_C, BLOCK_P)
         tl.store(out, (v * scale + offset).to(y_ptr.dtype.element_ty), mask=mask)
 
-@triton.jit
+@_kernel
 def _grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sc, sp, dn, dc, dp, P, CG, G, TILES,
                TILES_PER_SPLIT, SPLITS, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per channel of one span: the sums of dy and of dy * x_hat."""
@@ -166,7 +200,7 @@ def _grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sc, sp, dn, dc, dp, P, CG
     tl.store(out, tl.sum(acc, axis=1))
     tl.store(out + 1, tl.sum(acc2, axis=1))
 
-@triton.jit
+@_kernel
 def _grad_input(dy_ptr, x_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, sn, sc, sp, dn, dc, dp, on, oc, op,
                 count, P, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -198,26 +232,194 @@ def _grad_input(dy_ptr, x_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, sn, sc, sp, d
         tl.store(o_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# -- channels-last: programs per (sample, span of positions), every channel at once --------------------------
+
+
+@triton.jit
+def _positions(ptr, start, sp, t, P, C, BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
+    """A [positions, channels] tile of a channels-last sample (channel stride 1)."""
+    ps = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    cs = tl.arange(0, BLOCK_ALL)
+    mask = (ps < P)[:, None] & (cs < C)[None, :]
+    return ptr + start + ps[:, None].to(tl.int64) * sp + cs[None, :], mask
+
+
+@triton.jit
+def _channel_totals(part_ptr, n, g, C, CG, SPLITS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The two per-channel partial sums of group g of sample n, added up over the spans: ([BLOCK_C], [BLOCK_C])."""
+    cs = tl.arange(0, BLOCK_C)
+    t1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    t2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, SPLITS, BLOCK_S):
+        ks = k0 + tl.arange(0, BLOCK_S)
+        mask = (ks < SPLITS)[:, None] & (cs < CG)[None, :]
+        ptrs = part_ptr + ((n * SPLITS + ks[:, None]) * C + g * CG + cs[None, :]) * 2
+        t1 += tl.sum(tl.load(ptrs, mask=mask, other=0.0), axis=0)
+        t2 += tl.sum(tl.load(ptrs + 1, mask=mask, other=0.0), axis=0)
+    return t1, t2
+
+
+@_kernel
+def _cl_partial_sums(x_ptr, part_ptr, sn, sp, P, C, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
+                     BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    start = n.to(tl.int64) * sn
+    cs = tl.arange(0, BLOCK_ALL)
+    shift = tl.load(x_ptr + start + (cs // CG) * CG, mask=cs < C, other=0.0).to(tl.float32)  # group's first value
+    acc = tl.zeros([BLOCK_P, BLOCK_ALL], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_ALL], dtype=tl.float32)
+    first = split * TILES_PER_SPLIT
+    for t in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
+        ptrs, mask = _positions(x_ptr, start, sp, t, P, C, BLOCK_P, BLOCK_ALL)
+        d = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - shift[None, :], 0.0)
+        acc += d
+        acc2 += d * d
+    out = part_ptr + ((n * SPLITS + split) * C + cs) * 2
+    tl.store(out, tl.sum(acc, axis=0), mask=cs < C)
+    tl.store(out + 1, tl.sum(acc2, axis=0), mask=cs < C)
+
+
+@_kernel
+def _cl_statistics(x_ptr, part_ptr, w_ptr, b_ptr, stats_ptr, coef_ptr, sn, eps, count, C, G, CG, SPLITS,
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (sample, group): mean and 1/std, and each channel's scale and offset for _cl_normalize."""
+    row = tl.program_id(0)
+    n = row // G
+    g = row % G
+    t1, t2 = _channel_totals(part_ptr, n, g, C, CG, SPLITS, BLOCK_S, BLOCK_C)
+    s1 = tl.sum(t1, axis=0) / count
+    s2 = tl.sum(t2, axis=0) / count
+    mean = tl.load(x_ptr + n.to(tl.int64) * sn + g * CG).to(tl.float32) + s1
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 - s1 * s1, 0.0) + eps)
+    tl.store(stats_ptr + row * 2, mean)
+    tl.store(stats_ptr + row * 2 + 1, rstd)
+    cs = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + g * CG + cs, mask=cs < CG, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + g * CG + cs, mask=cs < CG, other=0.0).to(tl.float32)
+    out = coef_ptr + (n * C + g * CG + cs) * 2
+    tl.store(out, w * rstd, mask=cs < CG)
+    tl.store(out + 1, b - mean * w * rstd, mask=cs < CG)
+
+
+@_kernel
+def _cl_normalize(x_ptr, y_ptr, coef_ptr, sn, sp, yn, yp, P, C, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
+                  BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    cs = tl.arange(0, BLOCK_ALL)
+    scale = tl.load(coef_ptr + (n * C + cs) * 2, mask=cs < C, other=0.0)[None, :]
+    offset = tl.load(coef_ptr + (n * C + cs) * 2 + 1, mask=cs < C, other=0.0)[None, :]
+    first = split * TILES_PER_SPLIT
+    for t in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
+        ptrs, mask = _positions(x_ptr, n.to(tl.int64) * sn, sp, t, P, C, BLOCK_P, BLOCK_ALL)
+        out, _ = _positions(y_ptr, n.to(tl.int64) * yn, yp, t, P, C, BLOCK_P, BLOCK_ALL)
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out, (v * scale + offset).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_kernel
+def _cl_grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sp, dn, dp, P, C, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
+                  BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    cs = tl.arange(0, BLOCK_ALL)
+    group = n * G + cs // CG
+    mean = tl.load(stats_ptr + group * 2, mask=cs < C, other=0.0)[None, :]
+    rstd = tl.load(stats_ptr + group * 2 + 1, mask=cs < C, other=0.0)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_ALL], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_ALL], dtype=tl.float32)
+    first = split * TILES_PER_SPLIT
+    for t in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
+        ptrs, mask = _positions(x_ptr, n.to(tl.int64) * sn, sp, t, P, C, BLOCK_P, BLOCK_ALL)
+        d_ptrs, _ = _positions(dy_ptr, n.to(tl.int64) * dn, dp, t, P, C, BLOCK_P, BLOCK_ALL)
+        x_hat = (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dy = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += dy
+        acc2 += tl.where(mask, dy * x_hat, 0.0)
+    out = part_ptr + ((n * SPLITS + split) * C + cs) * 2
+    tl.store(out, tl.sum(acc, axis=0), mask=cs < C)
+    tl.store(out + 1, tl.sum(acc2, axis=0), mask=cs < C)
+
+
+@_kernel
+def _cl_grad_statistics(part_ptr, w_ptr, coef_ptr, count, C, G, CG, SPLITS, BLOCK_S: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """Per (sample, group): mean_group(w * dy) and mean_group(w * dy * x_hat)."""
+    row = tl.program_id(0)
+    g = row % G
+    t1, t2 = _channel_totals(part_ptr, row // G, g, C, CG, SPLITS, BLOCK_S, BLOCK_C)
+    cs = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + g * CG + cs, mask=cs < CG, other=0.0).to(tl.float32)
+    tl.store(coef_ptr + row * 2, tl.sum(w * t1, axis=0) / count)
+    tl.store(coef_ptr + row * 2 + 1, tl.sum(w * t2, axis=0) / count)
+
+
+@_kernel
+def _cl_grad_input(dy_ptr, x_ptr, dx_ptr, w_ptr, stats_ptr, coef_ptr, sn, sp, dn, dp, on, op, P, C, CG, G, TILES,
+                   TILES_PER_SPLIT, SPLITS, BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    cs = tl.arange(0, BLOCK_ALL)
+    valid = cs < C
+    group = n * G + cs // CG
+    mean = tl.load(stats_ptr + group * 2, mask=valid, other=0.0)[None, :]
+    rstd = tl.load(stats_ptr + group * 2 + 1, mask=valid, other=0.0)[None, :]
+    c1 = tl.load(coef_ptr + group * 2, mask=valid, other=0.0)[None, :]
+    c2 = tl.load(coef_ptr + group * 2 + 1, mask=valid, other=0.0)[None, :]
+    w = tl.load(w_ptr + cs, mask=valid, other=0.0).to(tl.float32)[None, :]
+    first = split * TILES_PER_SPLIT
+    for t in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
+        ptrs, mask = _positions(x_ptr, n.to(tl.int64) * sn, sp, t, P, C, BLOCK_P, BLOCK_ALL)
+        d_ptrs, _ = _positions(dy_ptr, n.to(tl.int64) * dn, dp, t, P, C, BLOCK_P, BLOCK_ALL)
+        o_ptrs, _ = _positions(dx_ptr, n.to(tl.int64) * on, op, t, P, C, BLOCK_P, BLOCK_ALL)
+        x_hat = (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dy = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, (rstd * (w * dy - c1 - x_hat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     plan = Plan(x, num_groups)
-    parts = torch.empty(plan.grid[0] * plan.splits * 2, dtype=torch.float32, device=x.device)
-    stats = torch.empty(plan.grid[0] * 2, dtype=torch.float32, device=x.device)
+    dev = x.device
+    stats = torch.empty(plan.n * num_groups * 2, dtype=torch.float32, device=dev)
     y = torch.empty_like(x)
-    _partial_sums[plan.grid](x, parts, *strides(x), **plan.common())
-    _normalize[plan.grid](x, y, weight, bias, parts, stats, *strides(x), *strides(y), eps, plan.count,
-                         BLOCK_S=plan.block_s, **plan.common())
+    if plan.by_group:
+        parts = torch.empty(plan.grid[0] * plan.splits * 2, dtype=torch.float32, device=dev)
+        _partial_sums[plan.grid](x, parts, *strides(x), **plan.common())
+        _normalize[plan.grid](x, y, weight, bias, parts, stats, *strides(x), *strides(y), eps, plan.count,
+                              BLOCK_S=plan.block_s, **plan.common())
+        return y, stats
+    (sn, _, sp), (yn, _, yp) = strides(x), strides(y)
+    parts = torch.empty(plan.n * plan.splits * plan.c * 2, dtype=torch.float32, device=dev)
+    coef = torch.empty(plan.n * plan.c * 2, dtype=torch.float32, device=dev)
+    _cl_partial_sums[plan.grid](x, parts, sn, sp, **plan.common())
+    _cl_statistics[plan.group_grid](x, parts, weight, bias, stats, coef, sn, eps, plan.count, **plan.per_group())
+    _cl_normalize[plan.grid](x, y, coef, sn, sp, yn, yp, **plan.common())
     return y, stats
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor, stats: torch.Tensor):
+def _backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor, stats: torch.Tensor,
+              weight_grads: bool):
+    """dx, and (C, 2) per-channel sums of dy and dy * x_hat (the bias and weight gradients) if ``weight_grads``."""
     plan = Plan(x, num_groups)
-    dy = _flattenable(dy)
-    parts = torch.empty(plan.grid[0] * plan.splits * plan.block_c * 2, dtype=torch.float32, device=x.device)
+    dev = x.device
     dx = torch.empty_like(x)
-    _grad_sums[plan.grid](dy, x, stats, parts, *strides(x), *strides(dy), **plan.common())
-    _grad_input[plan.grid](dy, x, dx, weight, stats, parts, *strides(x), *strides(dy), *strides(dx), plan.count,
-                          BLOCK_S=plan.block_s, **plan.common())
-    return dx, parts.view(plan.n, num_groups, plan.splits, plan.block_c, 2)[..., :plan.group_channels, :]
+    if plan.by_group:
+        dy = _flattenable(dy)
+        parts = torch.empty(plan.grid[0] * plan.splits * plan.block_c * 2, dtype=torch.float32, device=dev)
+        _grad_sums[plan.grid](dy, x, stats, parts, *strides(x), *strides(dy), **plan.common())
+        _grad_input[plan.grid](dy, x, dx, weight, stats, parts, *strides(x), *strides(dy), *strides(dx),
+                               plan.count, BLOCK_S=plan.block_s, **plan.common())
+        parts = parts.view(plan.n, num_groups, plan.splits, plan.block_c, 2)[..., :plan.group_channels, :]
+        return dx, parts.sum(dim=(0, 2)).reshape(-1, 2) if weight_grads else None
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    (sn, _, sp), (dn, _, dp), (on, _, op) = strides(x), strides(dy), strides(dx)
+    parts = torch.empty(plan.n * plan.splits * plan.c * 2, dtype=torch.float32, device=dev)
+    coef = torch.empty(plan.n * num_groups * 2, dtype=torch.float32, device=dev)
+    _cl_grad_sums[plan.grid](dy, x, stats, parts, sn, sp, dn, dp, **plan.common())
+    _cl_grad_statistics[plan.group_grid](parts, weight, coef, plan.count, **plan.per_group())
+    _cl_grad_input[plan.grid](dy, x, dx, weight, stats, coef, sn, sp, dn, dp, on, op, **plan.common())
+    return dx, parts.view(plan.n, plan.splits, plan.c, 2).sum(dim=(0, 1)) if weight_grads else None
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -231,10 +433,9 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        dx, parts = _backward(dy, x, ctx.num_groups, weight, stats)
+        dx, sums = _backward(dy, x, ctx.num_groups, weight, stats, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         dw = db = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # per-channel sums over samples and spans
-            sums = parts.sum(dim=(0, 2)).reshape(-1, 2)
+        if sums is not None:
             db, dw = sums[:, 0].to(weight.dtype), sums[:, 1].to(weight.dtype)
         return dx, None, dw, db, None
 
