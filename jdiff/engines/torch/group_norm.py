@@ -21,8 +21,6 @@ them without a GPU.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +30,6 @@ from jdiff.engines.base import triton_interpreting
 TARGET_PROGRAMS = 1024  # programs per launch to aim for: several waves on the largest GPUs
 TILE = 4096  # elements (channels x positions) one program holds at a time
 SPAN_CHUNK = 128  # channels-last: spans a per-group kernel adds up at a time
-SIZE_ARGUMENTS = ("P", "C", "CG", "G", "TILES", "TILES_PER_SPLIT", "SPLITS")
 
 
 def _next_pow2(n: int) -> int:
@@ -85,7 +82,7 @@ class Plan:
         splits = min(self.tiles, max(1, _cdiv(TARGET_PROGRAMS, rows)))
         self.tiles_per_split = _cdiv(self.tiles, splits)
         self.splits = _cdiv(self.tiles, self.tiles_per_split)
-        self.block_s = _next_pow2(self.splits) if self.by_group else SPAN_CHUNK
+        self.block_s = _next_pow2(self.splits) if self.by_group else min(_next_pow2(self.splits), SPAN_CHUNK)
         self.grid = (rows, self.splits)
         self.group_grid = (self.n * num_groups,)
         self.count = float(self.group_channels * self.positions)
@@ -104,14 +101,6 @@ class Plan:
                     BLOCK_C=self.block_c)
 
 
-def _kernel(fn):
-    """``triton.jit`` that does not specialize on the sizes (Triton compiles a variant for each value pattern of a
-    specialized integer: one per layer shape, half a minute of compiling on a cold cache). Strides stay
-    specialized: a stride of 1 is what lets the loads vectorize."""
-    sizes = [name for name in inspect.signature(fn).parameters if name in SIZE_ARGUMENTS]
-    return triton.jit(fn, do_not_specialize=sizes)
-
-
 @triton.jit
 def _tile(ptr, start, sc, sp, t, P, CG, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     cs = tl.arange(0, BLOCK_C)
@@ -126,7 +115,8 @@ def _group_start(row, sn, sc, G, CG):
     g = row % G
     return n.to(tl.int64) * sn + (g * CG).to(tl.int64) * sc
 
-@_kernel
+
+@triton.jit
 def _partial_sums(x_ptr, part_ptr, sn, sc, sp, P, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0)
@@ -145,7 +135,7 @@ def _partial_sums(x_ptr, part_ptr, sn, sc, sp, P, CG, G, TILES, TILES_PER_SPLIT,
     tl.store(out, tl.sum(tl.sum(acc, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
 
-@_kernel
+@triton.jit
 def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, sn, sc, sp, yn, yc, yp, eps, count,
                P, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -175,7 +165,7 @@ def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, sn, sc, sp, yn, 
         out, _ = _tile(y_ptr, y_start, yc, yp, t, P, CG, BLOCK_C, BLOCK_P)
         tl.store(out, (v * scale + offset).to(y_ptr.dtype.element_ty), mask=mask)
 
-@_kernel
+@triton.jit
 def _grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sc, sp, dn, dc, dp, P, CG, G, TILES,
                TILES_PER_SPLIT, SPLITS, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per channel of one span: the sums of dy and of dy * x_hat."""
@@ -200,7 +190,7 @@ def _grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sc, sp, dn, dc, dp, P, CG
     tl.store(out, tl.sum(acc, axis=1))
     tl.store(out + 1, tl.sum(acc2, axis=1))
 
-@_kernel
+@triton.jit
 def _grad_input(dy_ptr, x_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, sn, sc, sp, dn, dc, dp, on, oc, op,
                 count, P, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -259,7 +249,7 @@ def _channel_totals(part_ptr, n, g, C, CG, SPLITS, BLOCK_S: tl.constexpr, BLOCK_
     return t1, t2
 
 
-@_kernel
+@triton.jit
 def _cl_partial_sums(x_ptr, part_ptr, sn, sp, P, C, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                      BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
     n = tl.program_id(0)
@@ -280,7 +270,7 @@ def _cl_partial_sums(x_ptr, part_ptr, sn, sp, P, C, CG, G, TILES, TILES_PER_SPLI
     tl.store(out + 1, tl.sum(acc2, axis=0), mask=cs < C)
 
 
-@_kernel
+@triton.jit
 def _cl_statistics(x_ptr, part_ptr, w_ptr, b_ptr, stats_ptr, coef_ptr, sn, eps, count, C, G, CG, SPLITS,
                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per (sample, group): mean and 1/std, and each channel's scale and offset for _cl_normalize."""
@@ -302,7 +292,7 @@ def _cl_statistics(x_ptr, part_ptr, w_ptr, b_ptr, stats_ptr, coef_ptr, sn, eps, 
     tl.store(out + 1, b - mean * w * rstd, mask=cs < CG)
 
 
-@_kernel
+@triton.jit
 def _cl_normalize(x_ptr, y_ptr, coef_ptr, sn, sp, yn, yp, P, C, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                   BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
     n = tl.program_id(0)
@@ -318,7 +308,7 @@ def _cl_normalize(x_ptr, y_ptr, coef_ptr, sn, sp, yn, yp, P, C, CG, G, TILES, TI
         tl.store(out, (v * scale + offset).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_kernel
+@triton.jit
 def _cl_grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sp, dn, dp, P, C, CG, G, TILES, TILES_PER_SPLIT, SPLITS,
                   BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
     n = tl.program_id(0)
@@ -342,7 +332,7 @@ def _cl_grad_sums(dy_ptr, x_ptr, stats_ptr, part_ptr, sn, sp, dn, dp, P, C, CG, 
     tl.store(out + 1, tl.sum(acc2, axis=0), mask=cs < C)
 
 
-@_kernel
+@triton.jit
 def _cl_grad_statistics(part_ptr, w_ptr, coef_ptr, count, C, G, CG, SPLITS, BLOCK_S: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """Per (sample, group): mean_group(w * dy) and mean_group(w * dy * x_hat)."""
@@ -355,7 +345,7 @@ def _cl_grad_statistics(part_ptr, w_ptr, coef_ptr, count, C, G, CG, SPLITS, BLOC
     tl.store(coef_ptr + row * 2 + 1, tl.sum(w * t2, axis=0) / count)
 
 
-@_kernel
+@triton.jit
 def _cl_grad_input(dy_ptr, x_ptr, dx_ptr, w_ptr, stats_ptr, coef_ptr, sn, sp, dn, dp, on, op, P, C, CG, G, TILES,
                    TILES_PER_SPLIT, SPLITS, BLOCK_P: tl.constexpr, BLOCK_ALL: tl.constexpr):
     n = tl.program_id(0)
