@@ -61,6 +61,7 @@ def run(shape, dtype) -> dict:
             xi = xl.detach().requires_grad_()
             y = fn(xi, GROUPS, weight, bias, 1e-6)
             (dx,) = torch.autograd.grad(y, xi, dyl)
+            y = y.detach()
             key = f"{name}-{layout}"
             out[key] = {
                 "y_rel_error": float((y.float() - ref).abs().max() / ref.abs().max()),

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton kernels (the torch engine's engine.group_norm=triton) run in Triton's CPU interpreter in the tests. Triton
+# reads this when it defines a kernel, its own library functions included, so it is set before anything imports
+# triton (torch's compiler does, for one).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 from hydra import compose, initialize_config_dir

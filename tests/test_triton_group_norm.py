@@ -1,27 +1,23 @@
 """The torch engine's Triton GroupNorm (engine.group_norm=triton) and channels-last models.
 
-The kernels run here in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernels are defined): the
-same kernel code the GPU compiles, checked against PyTorch's GroupNorm. Their GPU check and speed:
-``python -m jdiff.bench --sections check,train --variants torch,torch-bf16-cudagraphs-triton-cl``.
+The kernels run here in Triton's CPU interpreter (TRITON_INTERPRET=1, which conftest.py sets before anything
+imports triton): the same kernel code the GPU compiles, checked against PyTorch's GroupNorm. Their GPU check
+and speed: ``python -m jdiff.bench --sections check,train --variants torch,torch-bf16-cudagraphs-triton-cl``.
 """
 
 from __future__ import annotations
 
-import os
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ["TRITON_INTERPRET"] = "1"  # before jdiff.engines.torch.group_norm defines its kernels
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from conftest import compose_config  # noqa: E402
-from jdiff.engines.base import EngineError, GenerateRequest, LoraSpec  # noqa: E402
-from jdiff.engines.torch import group_norm as gn  # noqa: E402
-from jdiff.engines.torch.engine import TorchEngine  # noqa: E402
-from jdiff.validate import ConfigError, validate_config  # noqa: E402
-from test_torch_speed_paths import SETTINGS, batches  # noqa: E402
+from conftest import compose_config
+from jdiff.engines.base import EngineError, GenerateRequest, LoraSpec
+from jdiff.engines.torch import group_norm as gn
+from jdiff.engines.torch.engine import TorchEngine
+from jdiff.validate import ConfigError, validate_config
+from test_torch_speed_paths import SETTINGS, batches
 
 
 def both(x, groups, weight, bias, dy):

@@ -146,7 +146,8 @@ class TorchEngine(Engine):
                 raise EngineError("engine.group_norm=triton needs Triton (pip install triton; PyTorch's CUDA builds "
                                   "for Linux bring it). Use engine.group_norm=native.")
             if self.device.type != "cuda" and not triton_interpreting():
-                raise EngineError("engine.group_norm=triton runs on CUDA GPUs; on the CPU use engine.group_norm=native.")
+                raise EngineError("engine.group_norm=triton runs on CUDA GPUs; on the CPU use "
+                                  "engine.group_norm=native.")
             from jdiff.engines.torch.group_norm import use_triton_group_norm
 
             use_triton_group_norm(self.vae, self.unet)
