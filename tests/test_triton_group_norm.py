@@ -84,6 +84,9 @@ def test_mixed_layouts_and_3d_input():
     assert rel_error(dx, rdx) < 1e-5 and rel_error(dw, rdw) < 1e-5
     x3 = torch.randn(3, 12, 50)
     assert rel_error(gn.group_norm(x3, 3, eps=1e-6), F.group_norm(x3, 3, eps=1e-6)) < 1e-5
+    x1 = torch.randn(2, 12, 1)  # one position: channels are the only stride-1 axis
+    (y, dx, *_), (ry, rdx, *_) = both(x1, 3, torch.ones(12), torch.zeros(12), torch.randn(2, 12, 1))
+    assert rel_error(y, ry) < 1e-5 and rel_error(dx, rdx) < 1e-5
 
 
 def test_bfloat16_in_and_out_with_float32_arithmetic():

@@ -402,7 +402,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.
                                plan.count, BLOCK_S=plan.block_s, **plan.common())
         parts = parts.view(plan.n, num_groups, plan.splits, plan.block_c, 2)[..., :plan.group_channels, :]
         return dx, parts.sum(dim=(0, 2)).reshape(-1, 2) if weight_grads else None
-    dy = dy.contiguous(memory_format=torch.channels_last)
+    dy = dy.contiguous(memory_format=torch.channels_last) if dy.dim() == 4 else dy.contiguous()
     (sn, _, sp), (dn, _, dp), (on, _, op) = strides(x), strides(dy), strides(dx)
     parts = torch.empty(plan.n * plan.splits * plan.c * 2, dtype=torch.float32, device=dev)
     coef = torch.empty(plan.n * num_groups * 2, dtype=torch.float32, device=dev)
