@@ -138,8 +138,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check(engine.name == "torch" or (engine.group_norm == "native" and not engine.channels_last),
            "engine.group_norm/channels_last", f"{engine.group_norm}/{engine.channels_last}",
            "these are torch engine settings: use engine=torch, or leave them at native/false")
-    _check(engine.group_norm != "triton" or str(engine.device) != "cpu" or triton_interpreting(), "engine.group_norm",
-           engine.group_norm, "the Triton GroupNorm runs on CUDA GPUs: use engine.group_norm=native with engine.device=cpu")
+    _check(engine.group_norm != "triton" or str(engine.device) != "cpu" or triton_interpreting(),
+           "engine.group_norm", engine.group_norm,
+           "the Triton GroupNorm runs on CUDA GPUs: use engine.group_norm=native with engine.device=cpu")
     device = str(engine.device)
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

@@ -368,10 +368,9 @@ def _cl_grad_input(dy_ptr, x_ptr, dx_ptr, w_ptr, stats_ptr, coef_ptr, sn, sp, dn
         tl.store(o_ptrs, (rstd * (w * dy - c1 - x_hat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    plan = Plan(x, num_groups)
+def _forward(x: torch.Tensor, plan: Plan, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     dev = x.device
-    stats = torch.empty(plan.n * num_groups * 2, dtype=torch.float32, device=dev)
+    stats = torch.empty(plan.n * plan.groups * 2, dtype=torch.float32, device=dev)
     y = torch.empty_like(x)
     if plan.by_group:
         parts = torch.empty(plan.grid[0] * plan.splits * 2, dtype=torch.float32, device=dev)
@@ -388,10 +387,9 @@ def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch
     return y, stats
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor, stats: torch.Tensor,
+def _backward(dy: torch.Tensor, x: torch.Tensor, plan: Plan, weight: torch.Tensor, stats: torch.Tensor,
               weight_grads: bool):
     """dx, and (C, 2) per-channel sums of dy and dy * x_hat (the bias and weight gradients) if ``weight_grads``."""
-    plan = Plan(x, num_groups)
     dev = x.device
     dx = torch.empty_like(x)
     if plan.by_group:
@@ -400,12 +398,12 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.
         _grad_sums[plan.grid](dy, x, stats, parts, *strides(x), *strides(dy), **plan.common())
         _grad_input[plan.grid](dy, x, dx, weight, stats, parts, *strides(x), *strides(dy), *strides(dx),
                                plan.count, BLOCK_S=plan.block_s, **plan.common())
-        parts = parts.view(plan.n, num_groups, plan.splits, plan.block_c, 2)[..., :plan.group_channels, :]
+        parts = parts.view(plan.n, plan.groups, plan.splits, plan.block_c, 2)[..., :plan.group_channels, :]
         return dx, parts.sum(dim=(0, 2)).reshape(-1, 2) if weight_grads else None
     dy = dy.contiguous(memory_format=torch.channels_last) if dy.dim() == 4 else dy.contiguous()
     (sn, _, sp), (dn, _, dp), (on, _, op) = strides(x), strides(dy), strides(dx)
     parts = torch.empty(plan.n * plan.splits * plan.c * 2, dtype=torch.float32, device=dev)
-    coef = torch.empty(plan.n * num_groups * 2, dtype=torch.float32, device=dev)
+    coef = torch.empty(plan.n * plan.groups * 2, dtype=torch.float32, device=dev)
     _cl_grad_sums[plan.grid](dy, x, stats, parts, sn, sp, dn, dp, **plan.common())
     _cl_grad_statistics[plan.group_grid](parts, weight, coef, plan.count, **plan.per_group())
     _cl_grad_input[plan.grid](dy, x, dx, weight, stats, coef, sn, sp, dn, dp, on, op, **plan.common())
@@ -415,15 +413,15 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps):
-        y, stats = _forward(x, num_groups, weight, bias, eps)
+        ctx.plan = Plan(x, num_groups)  # the backward pass cuts x the same way
+        y, stats = _forward(x, ctx.plan, weight, bias, eps)
         ctx.save_for_backward(x, weight, stats)
-        ctx.num_groups = num_groups
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        dx, sums = _backward(dy, x, ctx.num_groups, weight, stats, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        dx, sums = _backward(dy, x, ctx.plan, weight, stats, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         dw = db = None
         if sums is not None:
             db, dw = sums[:, 0].to(weight.dtype), sums[:, 1].to(weight.dtype)
