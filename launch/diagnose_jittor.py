@@ -1,0 +1,127 @@
+"""Where a Jittor training step's wall time goes on the GPU (#6): the host or the device.
+
+    python launch/diagnose_jittor.py [--parts step,conv] [--variant jittor-fp16] [--steps 6] [--out diag.json]
+    python launch/diagnose_jittor.py --parts step --model tiny --resolution 64 --device cpu   # a smoke run
+
+``step``: the forward and backward pass of one training step (the reference method's, as ``python -m
+jdiff.bench`` builds it: SD 2.1 architecture, random weights, 512 px, UNet LoRA rank 32) in three phases,
+median over ``--steps`` steps after warm-up:
+  build   Python building Jittor's lazy graph;
+  launch  ``jt.sync(..., device_sync=False)`` returning: the executor's pass over the graph and its kernel
+          launches, while the device runs what was launched;
+  drain   waiting for the device after that.
+A ``drain`` far below ``launch`` means the executor, not the device, sets the pace: the device keeps up with
+the launches. ``whole_step`` is the engine's own ``train_step`` (with the optimizer), for scale.
+
+``conv`` (CUDA only): one cuDNN convolution at SD 2.1 shapes through ``jt.cudnn.ops.cudnn_conv``, NCHW
+(``abcd``) against NHWC (``acdb``) activations with the OIHW filter, float16: milliseconds per call, each call
+one executor run and its sync, and the NHWC result against the NCHW one. (Jittor's OHWI filter format does not
+run: cuDNN finds no algorithm, so that layout is not offered.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONV_SHAPES = [(2, 320, 64, 64, 320, 3), (2, 640, 32, 32, 640, 3), (2, 1280, 16, 16, 1280, 3),
+               (2, 960, 64, 64, 320, 3), (2, 128, 512, 512, 128, 3), (2, 640, 64, 64, 320, 1),
+               (10, 320, 64, 64, 320, 3), (10, 1280, 16, 16, 1280, 3)]  # (batch, in, h, w, out, kernel)
+
+
+def step_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
+    from jdiff import bench
+    from jdiff.tiny_model import ensure_tiny_model
+
+    model_dir = ensure_tiny_model(Path("data/cache/bench/models"), architecture=model)
+    engine = bench.load(variant, model_dir, device)
+    import jittor as jt
+
+    batches = list(bench.train_batches(model_dir, resolution, engine.latent_shape(resolution), 4))
+    for k in range(3):
+        engine.train_step(batches[k % 4], 1e-4)
+    jt.sync_all(True)
+    phases = {"build": [], "launch": [], "drain": [], "whole_step": []}
+    for k in range(steps):
+        batch = batches[k % 4]
+        started = time.perf_counter()
+        per_sample = engine.loss_terms(batch)
+        grads = jt.grad((per_sample * jt.array(batch.weights)).sum(), engine.trainable, retain_graph=False)
+        built = time.perf_counter()
+        jt.sync(grads + [per_sample], False)
+        launched = time.perf_counter()
+        jt.sync_all(True)
+        done = time.perf_counter()
+        phases["build"].append(built - started)
+        phases["launch"].append(launched - built)
+        phases["drain"].append(done - launched)
+        del grads, per_sample
+        started = time.perf_counter()
+        engine.train_step(batch, 1e-4)
+        jt.sync_all(True)
+        phases["whole_step"].append(time.perf_counter() - started)
+    return {name: 1e3 * statistics.median(values) for name, values in phases.items()}
+
+
+def conv_layouts(dtype: str = "float16", calls: int = 10) -> list[dict]:
+    import jittor as jt
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for n, c, h, w, o, k in CONV_SHAPES:
+        x = jt.array(rng.standard_normal((n, c, h, w), dtype=np.float32)).cast(dtype)
+        weight = jt.array(rng.standard_normal((o, c, k, k), dtype=np.float32) / np.sqrt(c * k * k)).cast(dtype)
+        layouts = {"nchw": (x, "abcd"), "nhwc": (x.transpose(0, 2, 3, 1).clone(), "acdb")}
+        jt.sync_all(True)
+        row, reference = {"shape": [n, c, h, w, o, k]}, None
+        for name, (xi, layout) in layouts.items():
+            def conv():
+                return jt.cudnn.ops.cudnn_conv(xi, weight, 1, 1, k // 2, k // 2, 1, 1, 1, layout, "oihw", layout)
+
+            out = conv().float32().numpy()
+            out = out if layout == "abcd" else out.transpose(0, 3, 1, 2)
+            reference = out if reference is None else reference
+            row[f"{name}_max_rel_err"] = float(np.abs(out - reference).max() / np.abs(reference).max())
+            jt.sync_all(True)
+            started = time.perf_counter()
+            for _ in range(calls):
+                conv().sync()
+            jt.sync_all(True)
+            row[f"{name}_ms_per_call"] = (time.perf_counter() - started) * 1e3 / calls
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="step,conv", help="comma-separated: step, conv")
+    parser.add_argument("--variant", default="jittor-fp16", help="a Jittor variant of python -m jdiff.bench")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    from jdiff.engines.jittor.env import import_jittor, use_device
+
+    use_device(import_jittor(), args.device)
+    result = {}
+    if "step" in args.parts:
+        result["step_ms"] = step_phases(args.variant, args.steps, args.model, args.resolution, args.device)
+        print("step phases, ms:", json.dumps(result["step_ms"]), flush=True)
+    if "conv" in args.parts:
+        if args.device == "cpu":
+            raise SystemExit("--parts conv times cuDNN: it needs --device cuda")
+        result["conv_float16"] = conv_layouts()
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
