@@ -2,6 +2,7 @@
 
     python launch/diagnose_jittor.py [--parts step,conv] [--variant jittor-fp16] [--steps 6] [--out diag.json]
     python launch/diagnose_jittor.py --parts step --model tiny --resolution 64 --device cpu   # a smoke run
+    perf record -g python launch/diagnose_jittor.py --parts host --device cpu --steps 40   # any machine
 
 ``step``: the forward and backward pass of one training step (the reference method's, as ``python -m
 jdiff.bench`` builds it: SD 2.1 architecture, random weights, 512 px, UNet LoRA rank 32) in three phases,
@@ -17,6 +18,11 @@ the launches. ``whole_step`` is the engine's own ``train_step`` (with the optimi
 (``abcd``) against NHWC (``acdb``) activations with the OIHW filter, float16: milliseconds per call, each call
 one executor run and its sync, and the NHWC result against the NCHW one. (Jittor's OHWI filter format does not
 run: cuDNN finds no algorithm, so that layout is not offered.)
+
+``host`` (any device; meant for the CPU under a host profiler): SD 2.1's UNet structure (every block, attention
+and LoRA adapter of the real one) at tiny widths (32-64 channels, 8 x 8 latents), a training step with Jittor's
+AdamW, so that the kernels do next to nothing and a step's time is Jittor's own work: building the graph,
+the executor's pass over it, allocating and freeing nodes. Prints ms per step.
 """
 
 from __future__ import annotations
@@ -68,6 +74,37 @@ def step_phases(variant: str, steps: int, model: str, resolution: int, device: s
     return {name: 1e3 * statistics.median(values) for name, values in phases.items()}
 
 
+def host_step(steps: int) -> float:
+    import jittor as jt
+
+    from jdiff.engines.jittor.lora import attach_lora, lora_parameters
+    from jdiff.engines.jittor.unet import UNet2DConditionModel
+    from jdiff.tiny_model import SD21_UNET_CONFIG
+
+    unet = UNet2DConditionModel(dict(SD21_UNET_CONFIG, block_out_channels=(32, 32, 64, 64), norm_num_groups=8,
+                                     attention_head_dim=[2, 2, 4, 4], cross_attention_dim=32))
+    attach_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4)
+    params = lora_parameters(unet)
+    for p in params:
+        p.start_grad()
+    optimizer = jt.optim.AdamW(params, lr=1e-4)
+    rng = np.random.default_rng(0)
+    latents = jt.array(rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
+    states = jt.array(rng.standard_normal((2, 77, 32)).astype(np.float32))
+    timesteps = jt.array(np.array([10, 500], dtype=np.int32))
+
+    def step():
+        optimizer.step(((unet(latents, timesteps, states) - latents) ** 2).mean())
+        jt.sync_all(True)
+
+    for _ in range(3):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return 1e3 * (time.perf_counter() - started) / steps
+
+
 def conv_layouts(dtype: str = "float16", calls: int = 10) -> list[dict]:
     import jittor as jt
 
@@ -100,7 +137,7 @@ def conv_layouts(dtype: str = "float16", calls: int = 10) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="step,conv", help="comma-separated: step, conv")
+    parser.add_argument("--parts", default="step,conv", help="comma-separated: step, conv, host")
     parser.add_argument("--variant", default="jittor-fp16", help="a Jittor variant of python -m jdiff.bench")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
@@ -115,6 +152,9 @@ def main() -> None:
     if "step" in args.parts:
         result["step_ms"] = step_phases(args.variant, args.steps, args.model, args.resolution, args.device)
         print("step phases, ms:", json.dumps(result["step_ms"]), flush=True)
+    if "host" in args.parts:
+        result["host_ms_per_step"] = host_step(args.steps)
+        print(f"host: {result['host_ms_per_step']:.1f} ms per step (SD 2.1's UNet structure, tiny widths)", flush=True)
     if "conv" in args.parts:
         if args.device == "cpu":
             raise SystemExit("--parts conv times cuDNN: it needs --device cuda")
