@@ -35,13 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jdiff import bench
+
+PARTS = ("step", "conv", "host")
 CONV_SHAPES = [(2, 320, 64, 64, 320, 3), (2, 640, 32, 32, 640, 3), (2, 1280, 16, 16, 1280, 3),
                (2, 960, 64, 64, 320, 3), (2, 128, 512, 512, 128, 3), (2, 640, 64, 64, 320, 1),
                (10, 320, 64, 64, 320, 3), (10, 1280, 16, 16, 1280, 3)]  # (batch, in, h, w, out, kernel)
 
 
 def step_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
-    from jdiff import bench
     from jdiff.tiny_model import ensure_tiny_model
 
     model_dir = ensure_tiny_model(Path("data/cache/bench/models"), architecture=model)
@@ -49,8 +51,7 @@ def step_phases(variant: str, steps: int, model: str, resolution: int, device: s
     import jittor as jt
 
     batches = list(bench.train_batches(model_dir, resolution, engine.latent_shape(resolution), 4))
-    for k in range(3):
-        engine.train_step(batches[k % 4], 1e-4)
+    bench.run_steps(variant, engine, batches, 3)  # warm-up: compiles the step's kernels
     jt.sync_all(True)
     phases = {"build": [], "launch": [], "drain": [], "whole_step": []}
     for k in range(steps):
@@ -137,25 +138,30 @@ def conv_layouts(dtype: str = "float16", calls: int = 10) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="step,conv", help="comma-separated: step, conv, host")
-    parser.add_argument("--variant", default="jittor-fp16", help="a Jittor variant of python -m jdiff.bench")
+    parser.add_argument("--parts", default="step,conv", help=f"comma-separated, from {', '.join(PARTS)}")
+    parser.add_argument("--variant", default="jittor-fp16", help="a Jittor variant of python -m jdiff.bench",
+                        choices=[v for v in bench.VARIANTS if v.startswith("jittor")])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts {args.parts}: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     from jdiff.engines.jittor.env import import_jittor, use_device
 
     use_device(import_jittor(), args.device)
     result = {}
-    if "step" in args.parts:
+    if "step" in parts:
         result["step_ms"] = step_phases(args.variant, args.steps, args.model, args.resolution, args.device)
         print("step phases, ms:", json.dumps(result["step_ms"]), flush=True)
-    if "host" in args.parts:
+    if "host" in parts:
         result["host_ms_per_step"] = host_step(args.steps)
         print(f"host: {result['host_ms_per_step']:.1f} ms per step (SD 2.1's UNet structure, tiny widths)", flush=True)
-    if "conv" in args.parts:
+    if "conv" in parts:
         if args.device == "cpu":
             raise SystemExit("--parts conv times cuDNN: it needs --device cuda")
         result["conv_float16"] = conv_layouts()
