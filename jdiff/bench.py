@@ -174,6 +174,16 @@ def load(variant: str, model_dir: Path, device: str):
     return engine
 
 
+def loaded_with_batches(variant: str, model: str, resolution: int, device: str, cache: str = "data/cache/bench"):
+    """A variant loaded as ``measure`` loads it, and four batches of the reference training step: for the scripts
+    under launch/ that look inside one variant's steps."""
+    from jdiff.tiny_model import ensure_tiny_model
+
+    model_dir = ensure_tiny_model(Path(cache) / "models", architecture=model)
+    engine = load(variant, model_dir, device)
+    return engine, list(train_batches(model_dir, resolution, engine.latent_shape(resolution), 4))
+
+
 def torch_peak_gib() -> Optional[float]:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():

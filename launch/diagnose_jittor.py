@@ -44,13 +44,9 @@ CONV_SHAPES = [(2, 320, 64, 64, 320, 3), (2, 640, 32, 32, 640, 3), (2, 1280, 16,
 
 
 def step_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
-    from jdiff.tiny_model import ensure_tiny_model
-
-    model_dir = ensure_tiny_model(Path("data/cache/bench/models"), architecture=model)
-    engine = bench.load(variant, model_dir, device)
+    engine, batches = bench.loaded_with_batches(variant, model, resolution, device)
     import jittor as jt
 
-    batches = list(bench.train_batches(model_dir, resolution, engine.latent_shape(resolution), 4))
     bench.run_steps(variant, engine, batches, 3)  # warm-up: compiles the step's kernels
     jt.sync_all(True)
     phases = {"build": [], "launch": [], "drain": [], "whole_step": []}

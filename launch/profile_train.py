@@ -17,7 +17,6 @@ import argparse
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 from jdiff import bench
 
@@ -91,11 +90,7 @@ def main() -> None:
     parser.add_argument("--cache", default="data/cache/bench", help="as python -m jdiff.bench's")
     args = parser.parse_args()
 
-    from jdiff.tiny_model import ensure_tiny_model
-
-    model_dir = ensure_tiny_model(Path(args.cache) / "models", architecture=args.model)
-    engine = bench.load(args.variant, model_dir, args.device)
-    batches = list(bench.train_batches(model_dir, args.resolution, engine.latent_shape(args.resolution), 4))
+    engine, batches = bench.loaded_with_batches(args.variant, args.model, args.resolution, args.device, args.cache)
     bench.run_steps(args.variant, engine, batches, args.warmup)
     run_steps = lambda: bench.run_steps(args.variant, engine, batches, args.steps)
 
