@@ -147,6 +147,8 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts {args.parts}: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if "conv" in parts and args.device == "cpu":  # before the other parts run, not after
+        parser.error("--parts conv times cuDNN: it needs --device cuda")
     from jdiff.engines.jittor.env import import_jittor, use_device
 
     use_device(import_jittor(), args.device)
@@ -158,8 +160,6 @@ def main() -> None:
         result["host_ms_per_step"] = host_step(args.steps)
         print(f"host: {result['host_ms_per_step']:.1f} ms per step (SD 2.1's UNet structure, tiny widths)", flush=True)
     if "conv" in parts:
-        if args.device == "cpu":
-            raise SystemExit("--parts conv times cuDNN: it needs --device cuda")
         result["conv_float16"] = conv_layouts()
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
