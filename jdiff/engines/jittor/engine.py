@@ -33,7 +33,7 @@ jt = import_jittor()  # before the modules below import Jittor: they find its en
 
 from jdiff.engines.jittor.lora import (LoraLinear, adapter_linears, adapter_of, attach_lora,  # noqa: E402
                                        lora_layers, lora_parameters)
-from jdiff.engines.jittor.replay import Replay, extension  # noqa: E402
+from jdiff.engines.jittor.replay import Replay, device_arrays, extension  # noqa: E402
 from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
@@ -260,7 +260,7 @@ class JittorEngine(Engine):
             text = self.training_prompt_states(batch.prompts)
         arrays = (np.asarray(scalars, np.float32), batch.pixels, batch.posterior_noise, batch.noise, batch.signal,
                   batch.noise_level, batch.timesteps, batch.weights)
-        outputs = self._step_call([*self.trainable, *self.moments, *(jt.array(a) for a in arrays), text])
+        outputs = self._step_call([*self.trainable, *self.moments, *device_arrays(arrays), text])
         report = outputs[0].numpy()
         # the sum of the gradients is inf or nan if any of them is: then the step is dropped (the adapters and
         # moments it was given are kept) and the scale halved. The check is here, not a jt.where in the step,

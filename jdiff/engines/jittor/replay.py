@@ -55,6 +55,14 @@ def extension(source_dir: Path = RECORDER):
                                            f'{flags} -I"{source_dir}" "{source_dir / "vcompiler.cc"}"')
 
 
+def device_arrays(arrays) -> list:
+    """numpy arrays as Jittor variables in the memory the recorded kernels read. ``jt.array`` keeps its data in
+    host memory until a CUDA kernel first reads it, and the executor moves it then; a replay binds its inputs'
+    memory as it finds it, so on a GPU each array is first copied to the device."""
+    held = [jt.array(a) for a in arrays]
+    return [v.copy() for v in held] if jt.flags.use_cuda else held
+
+
 @dataclass
 class Plan:
     graph: object  # the extension's SGraphPtr
