@@ -60,8 +60,17 @@ def train(engine: JittorEngine, model_dir, lrs=(1e-3, 5e-4, 2e-3)) -> list[np.nd
     return [engine.train_step(batch, lr) for batch, lr in zip(batches(model_dir, len(lrs)), lrs)]
 
 
+@pytest.fixture(params=["auto", "fused"], ids=["jittor-ops", "jdiff-kernels"])
+def kernel_mode(request, monkeypatch):
+    """On the CPU jdiff's own kernels (GroupNorm, transposes) run only when forced; on CUDA they always do."""
+    import jdiff.engines.jittor.kernels as kernels
+
+    monkeypatch.setattr(kernels, "MODE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
-def test_replayed_training_steps_equal_eager_ones(tiny_model_dir, live_lora, mixed_precision):
+def test_replayed_training_steps_equal_eager_ones(tiny_model_dir, live_lora, mixed_precision, kernel_mode):
     """Three steps with changing batches, prompts, loss weights and learning rates, adapters on the UNet and
     the text encoder, clipping, weight decay and (fp16) loss scaling: the same losses and adapters as eager
     steps, and one recorded plan replayed."""
