@@ -52,6 +52,8 @@ VARIANTS = {
                                         "group_norm": "triton", "channels_last": True},
     "jittor": {"engine": "jittor"},
     "jittor-fp16": {"engine": "jittor", "mixed_precision": "fp16"},
+    "jittor-replay": {"engine": "jittor", "compile": "replay"},
+    "jittor-fp16-replay": {"engine": "jittor", "mixed_precision": "fp16", "compile": "replay"},
 }
 SECTIONS = ("train", "generate", "e2e", "check")
 REFERENCE = "torch"  # the fp32 engine every speed path is checked against

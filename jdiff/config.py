@@ -48,9 +48,11 @@ class EngineConfig:
     # CPU threads for the tensor work; null: every core this process may use. CPU results depend on it
     # (reductions split differently), so it is part of a run's numerical config.
     threads: Optional[int] = None
-    # torch only: torch.compile the UNet and the VAE encoder with this mode (no, default, reduce-overhead:
+    # torch: torch.compile the UNet and the VAE encoder with this mode (no, default, reduce-overhead:
     # + CUDA graphs, max-autotune; the first steps compile, minutes on a GPU), or cuda-graphs: no compiler,
     # the whole training step and each sampling UNet call recorded as CUDA graphs (seconds; GPU only).
+    # jittor: no, or replay: the training step and each sampling UNet call planned by Jittor's executor once and
+    # replayed from the recorded plan (no Python, no re-planning; CPU or GPU).
     compile: str = "no"
     # torch only: GroupNorm by PyTorch (native) or by jdiff's Triton kernels (triton: statistics split over many
     # blocks, channels-last kept; CUDA only), and the UNet and VAE in channels-last memory format.

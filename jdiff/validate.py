@@ -16,7 +16,8 @@ from jdiff.tiny_model import ARCHITECTURES
 
 ENGINES = ("torch", "jittor")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "cuda-graphs")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "cuda-graphs", "replay")
+JITTOR_COMPILE_MODES = ("no", "replay")
 GROUP_NORMS = ("native", "triton")
 INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -130,8 +131,10 @@ def validate_config(cfg: DictConfig) -> None:
            engine.mixed_precision,
            "the Jittor engine runs in float32 (no) or fp16: use one of those, or engine=torch for bf16")
     _one_of("engine.compile", engine.compile, COMPILE_MODES)
-    _check(engine.name != "jittor" or engine.compile == "no", "engine.compile", engine.compile,
-           "Jittor compiles its kernels itself: use no, or engine=torch")
+    _check(engine.name != "jittor" or engine.compile in JITTOR_COMPILE_MODES, "engine.compile", engine.compile,
+           "the Jittor engine runs eagerly (no) or replays recorded execution plans (replay): use one of those")
+    _check(engine.name != "torch" or engine.compile != "replay", "engine.compile", engine.compile,
+           "replay is the Jittor engine's: use engine=jittor, or cuda-graphs for the torch engine")
     _check(engine.compile != "cuda-graphs" or str(engine.device) != "cpu", "engine.compile", engine.compile,
            "CUDA graphs need a GPU: use engine.compile=no with engine.device=cpu")
     _one_of("engine.group_norm", engine.group_norm, GROUP_NORMS)

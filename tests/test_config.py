@@ -202,7 +202,7 @@ def with_values(base, **values):
         ("init.strength=1.5", ("init.strength=1.5", "(0, 1]")),
         ("infer.origin_scale=2", ("infer.origin_scale=2.0", "[0, 1]")),
         ("engine.device=gpu7", ("engine.device='gpu7'", "cuda:N")),
-        ("engine.compile=default", ("engine.compile='default'", "Jittor compiles its kernels itself")),
+        ("engine.compile=default", ("engine.compile='default'", "replays recorded execution plans (replay)")),
     ],
 )
 def test_bad_value_from_override_names_key_and_value(hydra_conf, tmp_path, override, fragments):

@@ -194,7 +194,8 @@ def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_pre
 
     ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
     results where the framework has deterministic kernels, at some cost in speed; ``compile``: the
-    torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager); ``group_norm`` and
+    torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager, "cuda-graphs"), or the Jittor
+    engine's "replay" of recorded execution plans (see jdiff.engines.jittor.replay); ``group_norm`` and
     ``channels_last``: the torch engine's GroupNorm kernels and memory format (see TorchEngine).
     """
     if name == "torch":
@@ -208,5 +209,5 @@ def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_pre
         from jdiff.engines.jittor.engine import JittorEngine
 
         return JittorEngine(model_dir, device=device, mixed_precision=mixed_precision,
-                            prediction_type=prediction_type, allow_pickle=allow_pickle)
+                            prediction_type=prediction_type, allow_pickle=allow_pickle, compile=compile)
     raise EngineError(f"engine.name={name!r} is not available; use engine=jittor or engine=torch.")

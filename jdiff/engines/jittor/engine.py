@@ -9,10 +9,17 @@ Mixed precision (``mixed_precision=fp16``): the UNet, VAE and text encoder run i
 stay float32 (see :mod:`jdiff.engines.jittor.lora`), and the loss and the sampler's arithmetic are float32.
 The model inputs are cast to the model's dtype at the entry points below, so no float32 tensor promotes the
 network back to float32 (Jittor computes a float32-float16 operation in float32).
+
+``compile=replay`` (engine.compile): the whole training step (VAE encoding, UNet forward and backward, loss
+scaling, clipping, AdamW) and each sampling UNet call are recorded once and replayed from Jittor's execution
+plan (:mod:`jdiff.engines.jittor.replay`). The step is then a function of its inputs: the adapters and their
+AdamW moments go in and come out updated, and the numbers that change between steps (bias corrections,
+learning rates, the loss scale) go in as a small array, computed on the host as Jittor's AdamW computes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -24,7 +31,9 @@ from jdiff.engines.jittor.env import import_jittor, use_device
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
 
-from jdiff.engines.jittor.lora import LoraLinear, adapter_of, attach_lora, lora_layers, lora_parameters  # noqa: E402
+from jdiff.engines.jittor.lora import (LoraLinear, adapter_linears, adapter_of, attach_lora,  # noqa: E402
+                                       lora_layers, lora_parameters)
+from jdiff.engines.jittor.replay import Replay, device_arrays, extension  # noqa: E402
 from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
@@ -35,6 +44,7 @@ from jdiff.schedule import read_scheduler_config  # noqa: E402
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": "float32", "fp16": "float16"}
+COMPILE_MODES = ("no", "replay")
 
 
 class DynamicLossScale:
@@ -55,9 +65,15 @@ class DynamicLossScale:
         for g in grads:
             g.update(g / self.scale)
         # any inf or nan makes the sum inf or nan; one reduction over all gradients (one kernel, not one a tensor)
-        if not np.isfinite(jt.concat([g.flatten() for g in grads]).sum().item()):
+        finite = bool(np.isfinite(jt.concat([g.flatten() for g in grads]).sum().item()))
+        if not finite:
             optimizer.zero_grad()
             optimizer.n_step -= 1  # Jittor counts steps in backward(); AdamW's bias correction must see taken ones
+        return self.update(finite)
+
+    def update(self, finite: bool) -> bool:
+        """The policy, after a step whose gradients were ``finite`` or not; returns ``finite``."""
+        if not finite:
             self.scale /= 2
             self.good_steps = 0
             log.info("fp16 gradients overflowed: step skipped, loss scale now %g", self.scale)
@@ -73,11 +89,17 @@ class JittorEngine(Engine):
     name = "jittor"
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
-                 prediction_type: Optional[str] = None, allow_pickle: bool = False):
+                 prediction_type: Optional[str] = None, allow_pickle: bool = False, compile: str = "no"):
         if mixed_precision not in DTYPES:
             raise EngineError(f"engine.mixed_precision={mixed_precision}: the Jittor engine runs in float32 (no) or "
                               "fp16; use one of those, or engine=torch for bf16.")
+        if compile not in COMPILE_MODES:
+            raise EngineError(f"engine.compile={compile}: the Jittor engine runs eagerly (no) or replays recorded "
+                              "execution plans (replay); use one of those.")
         use_device(jt, device)
+        self.replay = compile == "replay"
+        if self.replay:
+            extension()  # compiled at first use (seconds, cached); fails here, not mid-run
         self.dtype = DTYPES[mixed_precision]
         self.model_dir = Path(model_dir)
         self.scheduler_config = read_scheduler_config(self.model_dir)
@@ -97,6 +119,8 @@ class JittorEngine(Engine):
         self.loss_scale = DynamicLossScale() if self.dtype == "float16" else None
         self.optimizer: Optional[jt.optim.AdamW] = None
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
+        self._unet_call = Replay(self._unet_graph, "sampling UNet call")
+        self._step_call = Replay(self._step_graph, "training step")
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
@@ -114,7 +138,24 @@ class JittorEngine(Engine):
         return {"unet": self.unet, "text_encoder": self.text_encoder}
 
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
+        self._unet_call.clear()  # recorded plans hold the model as it was
+        self._step_call.clear()
         return attach_lora(self._models()[prefix], targets, rank, alpha)
+
+    def _adapter_linears(self, prefixes=("unet", "text_encoder")) -> list:
+        return [linear for prefix in prefixes for linear in adapter_linears(self._models()[prefix])]
+
+    @contextlib.contextmanager
+    def _adapters_bound(self, linears: list, weights: list):
+        """The adapters computing with ``weights`` (a recording's stand-ins) for a while."""
+        kept = [linear.weight for linear in linears]
+        for linear, weight in zip(linears, weights):
+            linear.weight = weight
+        try:
+            yield
+        finally:
+            for linear, weight in zip(linears, kept):
+                linear.weight = weight
 
     def _set_adapter(self, layer: LoraLinear, down: np.ndarray, up: np.ndarray) -> None:
         layer.set_weights(down, up)
@@ -131,22 +172,31 @@ class JittorEngine(Engine):
         the square root); the text encoder's adapters get ``text_encoder_lr_ratio`` times the learning rate."""
         self.settings = settings
         groups = []
-        for prefix, ratio in (("unet", 1.0), ("text_encoder", settings.text_encoder_lr_ratio)):
+        self.group_of = []  # per trainable parameter: 0 for the UNet's adapters, 1 for the text encoder's
+        for index, (prefix, ratio) in enumerate((("unet", 1.0), ("text_encoder", settings.text_encoder_lr_ratio))):
             params = lora_parameters(self._models()[prefix])
             for p in params:
                 p.start_grad()
             if params:
                 groups.append({"params": params, "lr": settings.lr * ratio, "lr_ratio": ratio})
+                self.group_of += [index] * len(params)
         if not groups:
             raise EngineError("no LoRA adapters to train: call add_lora first")
         self.trainable = [p for g in groups for p in g["params"]]
-        self.optimizer = jt.optim.AdamW(groups, lr=settings.lr, eps=settings.eps, betas=settings.betas,
-                                        weight_decay=settings.weight_decay)
+        if self.replay:  # the replayed step keeps AdamW's moments (m, then v) itself, as inputs and outputs
+            self.moments = [jt.zeros(p.shape, p.dtype).stop_grad() for p in self.trainable * 2]
+            self.steps_taken = 0
+        else:
+            self.optimizer = jt.optim.AdamW(groups, lr=settings.lr, eps=settings.eps, betas=settings.betas,
+                                            weight_decay=settings.weight_decay)
 
-    def encode_prompts(self, prompts: list[str]) -> jt.Var:
+    def token_ids(self, prompts: list[str]) -> jt.Var:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="np").input_ids
-        return self.text_encoder(jt.array(ids.astype(np.int32)))
+        return jt.array(ids.astype(np.int32))
+
+    def encode_prompts(self, prompts: list[str]) -> jt.Var:
+        return self.text_encoder(self.token_ids(prompts))
 
     def _states_without_gradients(self, prompts: list[str]) -> list[jt.Var]:
         with jt.no_grad():
@@ -156,26 +206,32 @@ class JittorEngine(Engine):
     def _stack(self, states: list[jt.Var]) -> jt.Var:
         return jt.stack(states)
 
-    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> jt.Var:
-        """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
-        mean, std = self.vae.encode(jt.array(pixels).cast(self.dtype))
-        return (mean.float32() + std.float32() * jt.array(posterior_noise) - self.vae.shift_factor) \
-            * self.vae.scaling_factor
+    def encode_images(self, pixels, posterior_noise) -> jt.Var:
+        """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space (numpy arrays or
+        Jittor variables in)."""
+        pixels, posterior_noise = (jt.array(a) if isinstance(a, np.ndarray) else a for a in (pixels, posterior_noise))
+        mean, std = self.vae.encode(pixels.cast(self.dtype))
+        return (mean.float32() + std.float32() * posterior_noise - self.vae.shift_factor) * self.vae.scaling_factor
 
     def loss_terms(self, batch: TrainBatch) -> jt.Var:
         """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
+        arrays = [jt.array(a) for a in (batch.pixels, batch.posterior_noise, batch.noise, batch.signal,
+                                        batch.noise_level, batch.timesteps)]
+        return self._loss_terms(*arrays, self.training_prompt_states(batch.prompts))
+
+    def _loss_terms(self, pixels, posterior_noise, noise, signal, noise_level, timesteps, states) -> jt.Var:
         with jt.no_grad():
-            latents = self.encode_images(batch.pixels, batch.posterior_noise)
-        states = self.training_prompt_states(batch.prompts)
-        noise = jt.array(batch.noise)
-        a = jt.array(batch.signal).reshape(-1, 1, 1, 1)
-        s = jt.array(batch.noise_level).reshape(-1, 1, 1, 1)
+            latents = self.encode_images(pixels, posterior_noise)
+        a = signal.reshape(-1, 1, 1, 1)
+        s = noise_level.reshape(-1, 1, 1, 1)
         noisy = a * latents + s * noise
-        pred = self.unet(noisy.cast(self.dtype), jt.array(batch.timesteps), states).float32()
+        pred = self.unet(noisy.cast(self.dtype), timesteps, states).float32()
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         return ((pred - target) ** 2).mean(dims=(1, 2, 3))
 
     def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
+        if self.replay:
+            return self._replayed_step(batch, lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_ratio"]
         per_sample = self.loss_terms(batch)
@@ -188,6 +244,67 @@ class JittorEngine(Engine):
             self.optimizer.clip_grad_norm(self.settings.max_grad_norm)
         self.optimizer.step()
         return per_sample.numpy()
+
+    def _replayed_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
+        """``train_step`` through the recorded step. Jittor's AdamW computes its bias corrections and decays on the
+        host in float64 and uses them as float32 constants; here the same numbers go in as one float32 array."""
+        s = self.settings
+        n = self.steps_taken + 1
+        scalars = [1 - s.betas[1] ** n]  # bias correction 2; the graph takes its square root in float32, as Jittor
+        for ratio in (1.0, s.text_encoder_lr_ratio):
+            scalars += [lr * ratio / (1 - s.betas[0] ** n), 1 - lr * ratio * s.weight_decay]  # step size, decay
+        scalars.append(self.loss_scale.scale if self.loss_scale else 1.0)
+        if "text_encoder" in self.lora_settings:  # the text states come from the adapted encoder, in the step
+            text = self.token_ids(batch.prompts)
+        else:
+            text = self.training_prompt_states(batch.prompts)
+        arrays = (np.asarray(scalars, np.float32), batch.pixels, batch.posterior_noise, batch.noise, batch.signal,
+                  batch.noise_level, batch.timesteps, batch.weights)
+        outputs = self._step_call([*self.trainable, *self.moments, *device_arrays(arrays), text])
+        report = outputs[0].numpy()
+        # the sum of the gradients is inf or nan if any of them is: then the step is dropped (the adapters and
+        # moments it was given are kept) and the scale halved. The check is here, not a jt.where in the step,
+        # because Jittor compiles CPU kernels with -Ofast, under which a kernel cannot see inf or nan.
+        if not self.loss_scale or self.loss_scale.update(bool(np.isfinite(report[-1]))):
+            k = len(self.trainable)
+            for linear, weight in zip(self._adapter_linears(), outputs[1:k + 1]):
+                linear.weight = weight
+            self.trainable, self.moments = outputs[1:k + 1], outputs[k + 1:]
+            self.steps_taken += 1
+        return report[:-1]
+
+    def _step_graph(self, inputs: list) -> list:
+        """One training step as a function: (adapters, moments, scalars, batch) -> (report, adapters, moments).
+        The report is the per-sample losses and, last, the sum of the unscaled gradients."""
+        k = len(self.trainable)
+        params, exp_avg, exp_avg_sq = inputs[:k], inputs[k:2 * k], inputs[2 * k:3 * k]
+        scalars, pixels, posterior_noise, noise, signal, noise_level, timesteps, weights, text = inputs[3 * k:]
+        linears = self._adapter_linears()
+        with self._adapters_bound(linears, params):
+            states = self.text_encoder(text) if "text_encoder" in self.lora_settings else text
+            per_sample = self._loss_terms(pixels, posterior_noise, noise, signal, noise_level, timesteps, states)
+            loss = (per_sample * weights).sum()
+            if self.loss_scale:
+                grads = [g / scalars[5] for g in jt.grad(loss * scalars[5], params)]
+            else:
+                grads = jt.grad(loss, params)
+        flat = jt.concat([g.flatten() for g in grads])
+        s = self.settings
+        if s.max_grad_norm > 0:  # Jittor's clip_grad_norm
+            clip = jt.minimum(s.max_grad_norm / (jt.norm(flat, 2) + 1e-6), 1.0)
+            grads = [g * clip for g in grads]
+        (b1, b2), root_correction2 = s.betas, jt.sqrt(scalars[0])
+        new_params, new_avg, new_avg_sq = [], [], []
+        for p, g, m, v, group in zip(params, grads, exp_avg, exp_avg_sq, self.group_of):  # Jittor's AdamW's order
+            step_size, decay = scalars[1 + 2 * group], scalars[2 + 2 * group]
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            moved = p * decay - step_size * m / (jt.sqrt(v) / root_correction2 + s.eps)
+            new_params.append(moved)
+            new_avg.append(m)
+            new_avg_sq.append(v)
+        report = jt.concat([per_sample, flat.sum().reshape(1)])
+        return [report, *new_params, *new_avg, *new_avg_sq]
 
     # -- sampling -----------------------------------------------------------------------------------------
 
@@ -214,7 +331,7 @@ class JittorEngine(Engine):
         for t in timesteps:
             model_input = jt.concat([latents, latents]) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)
-            pred = self.unet(model_input.cast(self.dtype), jt.array([int(t)]), states).float32()
+            pred = self.unet_prediction(model_input.cast(self.dtype), jt.array([int(t)]), states)
             if guided:
                 uncond, text = pred[:n], pred[n:]
                 pred = uncond + req.guidance_scale * (text - uncond)
@@ -223,3 +340,15 @@ class JittorEngine(Engine):
         images = self.vae.decode((latents / self.vae.scaling_factor + self.vae.shift_factor).cast(self.dtype))
         images = (images.float32() * 0.5 + 0.5).clamp(0, 1).transpose(0, 2, 3, 1).numpy()
         return [(im * 255).round().astype(np.uint8) for im in images]
+
+    def unet_prediction(self, sample: jt.Var, timesteps: jt.Var, states: jt.Var) -> jt.Var:
+        """The UNet's output in float32; with ``compile=replay``, from the recorded call for these shapes."""
+        if not self.replay:
+            return self.unet(sample, timesteps, states).float32()
+        return self._unet_call([*(w.weight for w in self._adapter_linears(("unet",))), sample, timesteps,
+                                states])[0]
+
+    def _unet_graph(self, inputs: list) -> list:
+        linears = self._adapter_linears(("unet",))
+        with self._adapters_bound(linears, inputs[:len(linears)]):
+            return [self.unet(*inputs[len(linears):]).float32()]

@@ -139,7 +139,10 @@ class GroupNormFunction(jt.Function):
             [x, weight, bias], cpu_header=GN_CPU_HEADER, cpu_src=gn_source(GN_FORWARD_CPU, self),
             cuda_header=GN_CUDA_HEADER, cuda_src=gn_source(GN_FORWARD_CUDA, self))
         self.saved = (x, weight, mean, rstd)
-        return y
+        # y depends on the statistics in the graph (adding zero): an operator whose other outputs are only saved
+        # for a backward pass that a gradient never asks for breaks Jittor's plan recorder (engine.compile=replay):
+        # its second replay finds a freed node (docs/benchmarks.md, seventh run)
+        return y + ((mean.sum() + rstd.sum()) * 0).cast(y.dtype)
 
     def grad(self, dy: Optional[jt.Var]):
         if dy is None:

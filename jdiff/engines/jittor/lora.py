@@ -65,8 +65,13 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLinear)}
 
 
+def adapter_linears(model: nn.Module) -> list[nn.Linear]:
+    """The A and B linear layers of every adapter, in the order of ``lora_parameters``."""
+    return [linear for layer in lora_layers(model).values() for linear in (layer.lora_A, layer.lora_B)]
+
+
 def lora_parameters(model: nn.Module) -> list:
-    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    return [linear.weight for linear in adapter_linears(model)]
 
 
 def adapter_of(layers: dict[str, LoraLinear], rank: int, alpha: float) -> Adapter:
