@@ -2,6 +2,7 @@
 
     python launch/diagnose_jittor.py [--parts step,conv] [--variant jittor-fp16] [--steps 6] [--out diag.json]
     python launch/diagnose_jittor.py --parts step --model tiny --resolution 64 --device cpu   # a smoke run
+    python launch/diagnose_jittor.py --parts replay,kernels --variant jittor-fp16-replay --steps 20
     perf record -g python launch/diagnose_jittor.py --parts host --device cpu --steps 40   # any machine
 
 ``step``: the forward and backward pass of one training step (the reference method's, as ``python -m
@@ -13,6 +14,17 @@ median over ``--steps`` steps after warm-up:
   drain   waiting for the device after that.
 A ``drain`` far below ``launch`` means the executor, not the device, sets the pace: the device keeps up with
 the launches. ``whole_step`` is the engine's own ``train_step`` (with the optimizer), for scale.
+
+``replay`` (``--variant jittor-fp16-replay`` or ``jittor-replay``): the engine's ``train_step`` through the recorded
+plan (``engine.compile=replay``) in three phases, median over ``--steps`` steps after warm-up:
+  prepare  the host's work before the replay: the per-step numbers, the batch copied to the device;
+  launch   the replay returning: the recorded kernels launched from the plan, while the device runs them;
+  wait     the rest: waiting for the device to finish, reading the losses, taking the new adapters.
+A ``wait`` far above ``launch`` means the device's kernels, not the host, set the pace.
+
+``kernels`` (CUDA only; needs torch installed beside Jittor): the GPU's own time for ``--steps`` training steps of
+``--variant``, read through CUPTI by ``torch.profiler``, which records every kernel the process launches, Jittor's
+included: kernels a step, the GPU busy time a step (the sum of kernel times), and the kernels taking the most time.
 
 ``conv`` (CUDA only): one cuDNN convolution at SD 2.1 shapes through ``jt.cudnn.ops.cudnn_conv``, NCHW
 (``abcd``) against NHWC (``acdb``) activations with the OIHW filter, float16: milliseconds per call, each call
@@ -37,7 +49,7 @@ import numpy as np
 
 from jdiff import bench
 
-PARTS = ("step", "conv", "host")
+PARTS = ("step", "replay", "kernels", "conv", "host")
 CONV_SHAPES = [(2, 320, 64, 64, 320, 3), (2, 640, 32, 32, 640, 3), (2, 1280, 16, 16, 1280, 3),
                (2, 960, 64, 64, 320, 3), (2, 128, 512, 512, 128, 3), (2, 640, 64, 64, 320, 1),
                (10, 320, 64, 64, 320, 3), (10, 1280, 16, 16, 1280, 3)]  # (batch, in, h, w, out, kernel)
@@ -69,6 +81,63 @@ def step_phases(variant: str, steps: int, model: str, resolution: int, device: s
         jt.sync_all(True)
         phases["whole_step"].append(time.perf_counter() - started)
     return {name: 1e3 * statistics.median(values) for name, values in phases.items()}
+
+
+def replay_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
+    engine, batches = bench.loaded_with_batches(variant, model, resolution, device)
+    import jittor as jt
+
+    recorded, marks = engine._step_call, []
+
+    def timed(inputs):
+        marks.append(time.perf_counter())
+        outputs = recorded(inputs)
+        marks.append(time.perf_counter())
+        return outputs
+
+    engine._step_call = timed
+    bench.run_steps(variant, engine, batches, 3)  # warm-up: records the plan, compiles its kernels
+    jt.sync_all(True)
+    phases = {"prepare": [], "launch": [], "wait": [], "whole_step": []}
+    for k in range(steps):
+        marks.clear()
+        started = time.perf_counter()
+        engine.train_step(batches[k % 4], 1e-4)
+        done = time.perf_counter()
+        phases["prepare"].append(marks[0] - started)
+        phases["launch"].append(marks[1] - marks[0])
+        phases["wait"].append(done - marks[1])
+        phases["whole_step"].append(done - started)
+    return {name: 1e3 * statistics.median(values) for name, values in phases.items()}
+
+
+def kernel_times(variant: str, steps: int, model: str, resolution: int, device: str, top: int = 25) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    engine, batches = bench.loaded_with_batches(variant, model, resolution, device)
+    import jittor as jt
+
+    bench.run_steps(variant, engine, batches, 3)  # warm-up: compiles (and with replay, records) the step
+    jt.sync_all(True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            engine.train_step(batches[k % 4], 1e-4)
+        jt.sync_all(True)
+    totals: dict[str, list] = {}  # kernel name -> [microseconds, calls]
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total = totals.setdefault(event.name, [0.0, 0])
+            total[0] += event.device_time
+            total[1] += 1
+    busy = sum(us for us, _ in totals.values())
+    if not busy:
+        raise SystemExit("--parts kernels: torch.profiler saw no CUDA kernels (does this torch have CUDA and CUPTI?)")
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kernels_per_step": sum(calls for _, calls in totals.values()) / steps,
+            "gpu_busy_ms_per_step": busy / steps / 1e3,
+            "top": [{"kernel": name[:120], "ms_per_step": us / steps / 1e3, "share": us / busy, "calls_per_step": calls / steps}
+                    for name, (us, calls) in ranked]}
 
 
 def host_step(steps: int) -> float:
@@ -147,8 +216,17 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts {args.parts}: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    if "conv" in parts and args.device == "cpu":  # before the other parts run, not after
-        parser.error("--parts conv times cuDNN: it needs --device cuda")
+    for part, needs in (("conv", "times cuDNN"), ("kernels", "reads CUDA kernel times")):
+        if part in parts and args.device == "cpu":  # before the other parts run, not after
+            parser.error(f"--parts {part} {needs}: it needs --device cuda")
+    if "kernels" in parts:  # CUPTI through torch; torch is imported before Jittor, as on the device machine
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            parser.error("--parts kernels reads the kernel times through torch.profiler: install torch beside Jittor")
+    if "replay" in parts and bench.VARIANTS[args.variant].get("compile") != "replay":
+        parser.error(f"--parts replay times the recorded step: use --variant jittor-fp16-replay or jittor-replay, "
+                     f"not {args.variant}")
     from jdiff.engines.jittor.env import import_jittor, use_device
 
     use_device(import_jittor(), args.device)
@@ -156,6 +234,15 @@ def main() -> None:
     if "step" in parts:
         result["step_ms"] = step_phases(args.variant, args.steps, args.model, args.resolution, args.device)
         print("step phases, ms:", json.dumps(result["step_ms"]), flush=True)
+    if "replay" in parts:
+        result["replay_ms"] = replay_phases(args.variant, args.steps, args.model, args.resolution, args.device)
+        print("replayed step phases, ms:", json.dumps(result["replay_ms"]), flush=True)
+    if "kernels" in parts:
+        result["kernels"] = kernel_times(args.variant, args.steps, args.model, args.resolution, args.device)
+        k = result["kernels"]
+        print(f"kernels: {k['kernels_per_step']:.0f} a step, GPU busy {k['gpu_busy_ms_per_step']:.1f} ms a step", flush=True)
+        for row in k["top"]:
+            print(f"  {row['ms_per_step']:8.2f} ms {100 * row['share']:5.1f}% {row['calls_per_step']:6.1f} calls  {row['kernel']}")
     if "host" in parts:
         result["host_ms_per_step"] = host_step(args.steps)
         print(f"host: {result['host_ms_per_step']:.1f} ms per step (SD 2.1's UNet structure, tiny widths)", flush=True)

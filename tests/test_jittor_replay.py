@@ -169,3 +169,11 @@ def test_config_takes_replay_for_jittor_only(jdiff_root):
             validate_config(compose_config(QUICK + overrides, jdiff_root))
     with pytest.raises(EngineError, match="engine.compile=cuda-graphs"):
         JittorEngine.__init__(object.__new__(JittorEngine), "unused", compile="cuda-graphs")
+
+
+def test_the_fast_jittor_preset_is_the_documented_setting(jdiff_root):
+    preset = compose_config(QUICK + ["engine=jittor_fast"], jdiff_root).engine
+    spelled = compose_config(QUICK + ["engine=jittor", "engine.device=cuda", "engine.mixed_precision=fp16",
+                                      "engine.compile=replay"], jdiff_root).engine
+    assert preset == spelled
+    validate_config(compose_config(QUICK + ["engine=jittor_fast"], jdiff_root))
