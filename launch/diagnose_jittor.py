@@ -55,12 +55,19 @@ CONV_SHAPES = [(2, 320, 64, 64, 320, 3), (2, 640, 32, 32, 640, 3), (2, 1280, 16,
                (10, 320, 64, 64, 320, 3), (10, 1280, 16, 16, 1280, 3)]  # (batch, in, h, w, out, kernel)
 
 
-def step_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
+def warmed_up(variant: str, model: str, resolution: int, device: str):
+    """The variant loaded with four batches, after three training steps (Jittor compiles the step's kernels, and
+    with replay records its plan); then Jittor."""
     engine, batches = bench.loaded_with_batches(variant, model, resolution, device)
     import jittor as jt
 
-    bench.run_steps(variant, engine, batches, 3)  # warm-up: compiles the step's kernels
+    bench.run_steps(variant, engine, batches, 3)
     jt.sync_all(True)
+    return engine, batches, jt
+
+
+def step_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
+    engine, batches, jt = warmed_up(variant, model, resolution, device)
     phases = {"build": [], "launch": [], "drain": [], "whole_step": []}
     for k in range(steps):
         batch = batches[k % 4]
@@ -84,9 +91,7 @@ def step_phases(variant: str, steps: int, model: str, resolution: int, device: s
 
 
 def replay_phases(variant: str, steps: int, model: str, resolution: int, device: str) -> dict:
-    engine, batches = bench.loaded_with_batches(variant, model, resolution, device)
-    import jittor as jt
-
+    engine, batches, _ = warmed_up(variant, model, resolution, device)
     recorded, marks = engine._step_call, []
 
     def timed(inputs):
@@ -96,8 +101,6 @@ def replay_phases(variant: str, steps: int, model: str, resolution: int, device:
         return outputs
 
     engine._step_call = timed
-    bench.run_steps(variant, engine, batches, 3)  # warm-up: records the plan, compiles its kernels
-    jt.sync_all(True)
     phases = {"prepare": [], "launch": [], "wait": [], "whole_step": []}
     for k in range(steps):
         marks.clear()
@@ -115,11 +118,7 @@ def kernel_times(variant: str, steps: int, model: str, resolution: int, device: 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    engine, batches = bench.loaded_with_batches(variant, model, resolution, device)
-    import jittor as jt
-
-    bench.run_steps(variant, engine, batches, 3)  # warm-up: compiles (and with replay, records) the step
-    jt.sync_all(True)
+    engine, batches, jt = warmed_up(variant, model, resolution, device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for k in range(steps):
             engine.train_step(batches[k % 4], 1e-4)
