@@ -80,6 +80,27 @@ def test_generate_stage_reuses_a_saved_adapter(jdiff_root, full_run, tmp_path):
     assert final == json.loads((full_run / "scores.json").read_text())["final"]["value"]
 
 
+def test_a_replayed_run_gives_the_eager_run_s_results(jdiff_root, full_run, tmp_path, monkeypatch):
+    """engine.compile=replay through the whole pipeline: the same losses, adapters and images as the eager run."""
+    from jdiff.engines.jittor.replay import Replay
+
+    recorded, record = [], Replay.record
+    monkeypatch.setattr(Replay, "record", lambda self, inputs: recorded.append(self.name) or record(self, inputs))
+    replayed = tmp_path / "replayed"
+    run_quick(jdiff_root, replayed, NOISE_INIT + ["engine.compile=replay"])
+    assert {"training step", "sampling UNet call"} <= set(recorded)  # the run did replay
+    losses = [[float(r["loss"]) for r in csv.DictReader(open(d / "loss.csv"))] for d in (full_run, replayed)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    with safe_open(str(full_run / LORA_FILE), framework="numpy") as eager, \
+            safe_open(str(replayed / LORA_FILE), framework="numpy") as replay:
+        assert set(eager.keys()) == set(replay.keys())
+        for key in eager.keys():
+            np.testing.assert_allclose(replay.get_tensor(key), eager.get_tensor(key), atol=1e-4, err_msg=key)
+    first, second = images_of(full_run), images_of(replayed)
+    assert first.keys() == second.keys()
+    assert all(np.abs(first[k].astype(int) - second[k].astype(int)).max() <= 1 for k in first)
+
+
 def test_plain_diffusers_pipeline_loads_the_lora_and_gives_the_same_images(jdiff_root, full_run, tiny_model_dir):
     import torch
     from diffusers import StableDiffusionPipeline
