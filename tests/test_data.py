@@ -379,6 +379,11 @@ def test_to_model_range():
     out = to_model_range(arr)
     assert out.shape == (3, 1, 1) and out.dtype == np.float32
     np.testing.assert_allclose(out[:, 0, 0], [-1.0, 1.0, 127 / 127.5 - 1.0], atol=1e-6)
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    batch = to_model_range(np.stack([every, every[::-1]]))  # a batch: BHWC in, BCHW out, each as on its own
+    assert batch.shape == (2, 3, 16, 16) and batch.flags.c_contiguous
+    np.testing.assert_array_equal(batch[1], to_model_range(every[::-1]))
+    np.testing.assert_array_equal(batch[0], (every.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1))
 
 
 # -- augment ------------------------------------------------------------------------------------------------

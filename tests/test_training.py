@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, compose_config
+from jdiff.augment import augment, enlarged
 from jdiff.data import load_style
 from jdiff.demo_data import write_demo_styles
 from jdiff.engines.base import OptimizerSettings, TrainBatch
@@ -48,6 +49,22 @@ def test_a_prior_step_pairs_style_and_class_images(jdiff_root):
     without = make_batch(3, quick_cfg(jdiff_root, "prior=off", "train.batch_size=2"), style.images(),
                          ["style prompt"] * 4, [], [], schedule, (4, 8, 8))
     assert len(without.prompts) == 2 and np.allclose(without.weights, 0.5)
+
+
+def test_views_enlarged_once_give_the_same_batches(jdiff_root):
+    """train_lora enlarges each reference once, not at every step: the batches must not change."""
+    cfg = quick_cfg(jdiff_root, "data.resolution=48", "augment.crop_scale=1.2", "augment.rotate_degrees=10",
+                    "augment.hflip=0.5", "train.batch_size=2")
+    rng = np.random.default_rng(0)
+    views = [rng.integers(0, 256, (40 + 7 * k, 61 - 5 * k, 3), dtype=np.uint8) for k in range(3)]
+    made = [enlarged(v, 48, 1.2) for v in views]
+    schedule = NoiseSchedule(np.linspace(0.99, 0.01, 1000).astype(np.float32), "epsilon")
+    for step in range(4):
+        raw = make_batch(step, cfg, views, ["s"] * 3, views[:2], ["c"] * 2, schedule, (4, 6, 6))
+        once = make_batch(step, cfg, made, ["s"] * 3, made[:2], ["c"] * 2, schedule, (4, 6, 6))
+        assert np.array_equal(raw.pixels, once.pixels) and np.array_equal(raw.noise, once.noise)
+    with pytest.raises(ValueError, match=r"shorter side must be 58: make it with enlarged\(\)"):
+        augment(enlarged(views[0], 48, 1.0), 48, rng, crop_scale=1.2)
 
 
 def _batch(engine, rng) -> TrainBatch:
