@@ -7,11 +7,12 @@
 #   2. two tracks, at once when there are two GPUs (else one after the other):
 #      torch on GPU 0: checks, training, scoring speed (#4), generation, one style end to end, a profile
 #      Jittor on the last GPU: the CUDA 13 patch, the fused-attention check (ATTENTION=1), the engine bench,
-#      a profile, determinism
+#      a profile, the replayed step's kernel times, determinism
 # Stops starting new steps after ${DEADLINE_MIN:-17} minutes, so that what was measured comes back.
 # Choosing parts (space-separated lists): PARTS (default "sweeps torch jittor"), TORCH_SECTIONS (default
-# "check train scoring generate e2e profile"; group_norm adds the Triton GroupNorm check), JITTOR_SECTIONS (default "bench profile determinism"),
-# JITTOR_VARIANTS (default "jittor jittor-fp16"), JITTOR_PROFILE (default: those variants), JITTOR_BENCH (default "check,train,generate"); variant lists
+# "check train scoring generate e2e profile"; group_norm adds the Triton GroupNorm check), JITTOR_SECTIONS (default "bench profile kernels determinism"),
+# JITTOR_VARIANTS (default "jittor jittor-fp16 jittor-fp16-replay"), JITTOR_PROFILE (default "jittor-fp16"; Jittor's profiler
+# sees eager steps only), JITTOR_BENCH (default "check,train,generate"); variant lists
 # for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E, TORCH_PROFILE. ATTENTION=1 / KERNELS=1 add the GPU checks
 # of the fused attention / the transpose and GroupNorm kernels to the Jittor track.
 set -uo pipefail
@@ -39,7 +40,7 @@ python3 -c "from jdiff.tiny_model import ensure_tiny_model; ensure_tiny_model('d
 
 PARTS=${PARTS:-sweeps torch jittor}
 TS=${TORCH_SECTIONS:-check train scoring generate e2e profile}
-JS=${JITTOR_SECTIONS:-bench profile determinism}
+JS=${JITTOR_SECTIONS:-bench profile kernels determinism}
 if want "$PARTS" sweeps; then
   if [ "$GPUS" -ge 2 ]; then
     step "sweeps: one GPU, then two"
@@ -85,11 +86,13 @@ jittor_track() {
   if want "$PARTS" torch; then  # the torch reference for the check section
     while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done
   fi
-  for variant in ${JITTOR_PROFILE:-${JITTOR_VARIANTS:-jittor jittor-fp16}}; do
+  for variant in ${JITTOR_PROFILE:-jittor-fp16}; do
     want "$JS" profile && { late "$variant profile" || { step "profile: $variant"
       python3 launch/profile_train.py --variant $variant --steps 5 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -40; }; }
   done
-  for variant in ${JITTOR_VARIANTS:-jittor jittor-fp16}; do
+  want "$JS" kernels && { late "kernel times" || { step "kernel times of a replayed step (CUPTI)"
+    python3 launch/diagnose_jittor.py --parts kernels --variant jittor-fp16-replay --steps 5 --out "$OUT/kernels_replay.json" 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -28; }; }
+  for variant in ${JITTOR_VARIANTS:-jittor jittor-fp16 jittor-fp16-replay}; do
     want "$JS" bench && { late "$variant" || { step "bench: $variant"
       bench --sections ${JITTOR_BENCH:-check,train,generate} --variants $variant --out "$OUT/$variant.json"; }; }
   done
