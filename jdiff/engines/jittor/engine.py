@@ -121,6 +121,7 @@ class JittorEngine(Engine):
         self.lora_settings: dict[str, tuple[int, float]] = {}  # prefix -> (rank, alpha) of attached adapters
         self._unet_call = Replay(self._unet_graph, "sampling UNet call")
         self._step_call = Replay(self._step_graph, "training step")
+        self._linears: dict[str, list] = {}  # prefix -> adapter_linears of that model, until adapters are attached
 
     # -- shapes and settings ------------------------------------------------------------------------------
 
@@ -140,10 +141,16 @@ class JittorEngine(Engine):
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
         self._unet_call.clear()  # recorded plans hold the model as it was
         self._step_call.clear()
+        self._linears.clear()
         return attach_lora(self._models()[prefix], targets, rank, alpha)
 
     def _adapter_linears(self, prefixes=("unet", "text_encoder")) -> list:
-        return [linear for prefix in prefixes for linear in adapter_linears(self._models()[prefix])]
+        """The adapters' linear layers, found once per attachment (walking every module costs milliseconds, and
+        each replayed call needs them)."""
+        for prefix in prefixes:
+            if prefix not in self._linears:
+                self._linears[prefix] = adapter_linears(self._models()[prefix])
+        return [linear for prefix in prefixes for linear in self._linears[prefix]]
 
     @contextlib.contextmanager
     def _adapters_bound(self, linears: list, weights: list):
