@@ -8,11 +8,15 @@ from PIL import Image
 from jdiff.data import resize_short_side
 
 
+def _enlarged_side(resolution: int, crop_scale: float) -> int:
+    return max(resolution, round(resolution * crop_scale))
+
+
 def enlarged(image: np.ndarray, resolution: int, crop_scale: float = 1.0) -> Image.Image:
     """The image with its shorter side at ``crop_scale`` x ``resolution`` (at least the resolution): what
     ``augment`` cuts its views from. It is the same at every step, so a training loop makes it once per image
     (resizing is most of a view's cost)."""
-    return resize_short_side(image, max(resolution, round(resolution * crop_scale)))
+    return resize_short_side(image, _enlarged_side(resolution, crop_scale))
 
 
 def augment(image: np.ndarray | Image.Image, resolution: int, rng: np.random.Generator, *, crop_scale: float = 1.0,
@@ -26,7 +30,7 @@ def augment(image: np.ndarray | Image.Image, resolution: int, rng: np.random.Gen
     filled by reflection, so no black corners enter the crop.
     """
     if isinstance(image, Image.Image):
-        big, short = image, max(resolution, round(resolution * crop_scale))
+        big, short = image, _enlarged_side(resolution, crop_scale)
         if min(big.size) != short:
             raise ValueError(f"augment: the image given is {big.size[0]}x{big.size[1]}, but at resolution "
                              f"{resolution} and crop_scale {crop_scale} its shorter side must be {short}: make it "
