@@ -13,6 +13,8 @@ from jdiff.engines.jittor.env import import_jittor
 
 jt = import_jittor("cpu")
 
+from jittor import nn  # noqa: E402
+
 from jdiff.engines.jittor import blocks, kernels  # noqa: E402
 
 
@@ -86,6 +88,35 @@ def test_group_norm_module_fused_equals_unfused_in_float16(monkeypatch):
     fused_out = norm(x)
     assert fused_out.dtype == "float16"
     np.testing.assert_allclose(fused_out.numpy().astype(np.float32), unfused.astype(np.float32), atol=4e-3)
+
+
+@pytest.mark.parametrize("kernel,bias", [(3, True), (1, False), (5, True)])
+def test_size_keeping_conv_gradients_equal_jittors_conv(fused, kernel, bias):
+    """blocks.Conv2d's input gradient, a forward convolution with the flipped, transposed weights, against
+    Jittor's own convolution gradient; the weight and bias gradients too (lazy, unused in LoRA training)."""
+    rng = np.random.default_rng(4)
+    conv = blocks.Conv2d(5, 7, kernel, padding=kernel // 2, bias=bias)
+    x = jt.array(rng.standard_normal((2, 5, 6, 9)).astype(np.float32))
+    upstream = jt.array(rng.standard_normal((2, 7, 6, 9)).astype(np.float32))
+    wanted = [nn.conv2d(x, conv.weight, conv.bias, padding=kernel // 2)]
+    params = [x, conv.weight] + ([conv.bias] if bias else [])
+    wanted += jt.grad((wanted[0] * upstream).sum(), params)
+    y = conv(x)
+    got = [y] + jt.grad((y * upstream).sum(), params)
+    assert len(got) == len(wanted)
+    for g, w in zip(got, wanted):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_that_changes_the_size_takes_jittors_path(fused, monkeypatch):
+    """Stride 2 (the downsamplers) is not a size-keeping convolution: Jittor's own gradient, not the flip."""
+    calls = []
+    monkeypatch.setattr(blocks.SizeKeepingConv, "grad", lambda self, dy: calls.append(dy))
+    conv = blocks.Conv2d(3, 4, 3, stride=2, padding=1)
+    x = jt.array(np.ones((1, 3, 8, 8), np.float32))
+    (grad,) = jt.grad(conv(x).sum(), [x])
+    grad.sync()
+    assert not calls and grad.shape == x.shape
 
 
 def test_unet_output_and_lora_gradients_same_with_and_without_kernels(monkeypatch, tiny_model_dir):

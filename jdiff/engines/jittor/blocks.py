@@ -7,6 +7,8 @@ API:
     Upsample2D(channels, out_channels=None)(x, output_size=None)
     attention(q, k, v, bias=None, upcast=False) -> softmax(q k^T / sqrt(d) + bias) v on (batch, heads, tokens, dim)
     GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), LayerNorm(dim, eps=1e-5)
+    Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0): nn.Conv2d, with a faster input
+                    gradient for the size-keeping convolutions (see the class)
     channels_last(x) (batch, channels, h, w) -> (batch, h*w, channels); channels_first(t, h, w) the inverse
     silu(x)
 
@@ -73,6 +75,54 @@ class LayerNorm(nn.Module):
         return (normalize(x, [x.ndim - 1], self.eps) * self.weight + self.bias).cast(x.dtype)
 
 
+class Conv2d(nn.Conv2d):
+    """Jittor's nn.Conv2d (same parameters and result). A float16 convolution that keeps the size (stride 1, an
+    odd square kernel wider than 1x1, padding half of it) takes its input gradient on CUDA as a forward
+    convolution instead: the output gradient convolved with the weights flipped in space, input and output
+    channels swapped, same padding. The arithmetic is the same; the speed is not. For a backward-data
+    convolution Jittor runs cuDNN 9's legacy algorithm search, which picks direct kernels without tensor cores
+    at SD 2.1's float16 3x3 shapes (0.5 to 1.6 ms a call on an H100), where the forward search finds tensor-core
+    implicit GEMMs: forward and input gradient together 1.6x to 3.3x faster (docs/benchmarks.md, ninth run).
+    1x1 kernels and float32 gain nothing there and keep Jittor's own gradient; ``kernels.MODE="fused"`` takes the
+    flipped path for every size-keeping convolution (the CPU tests). The weight and bias gradients stay
+    Jittor's own."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        kh, kw = self.kernel_size
+        keeps_size = (kh == kw and kh % 2 == 1 and tuple(self.stride) == (1, 1) and tuple(self.dilation) == (1, 1)
+                      and tuple(self.padding) == (kh // 2, kh // 2) and self.groups == 1)
+        pays = kernels.MODE == "fused" or (kh > 1 and str(x.dtype) == "float16")
+        if not (keeps_size and pays and kernels.applies(x)):
+            return super().execute(x)
+        return SizeKeepingConv(kh // 2)(x, self.weight, *([self.bias] if self.bias is not None else []))
+
+
+class SizeKeepingConv(jt.Function):
+    """conv2d(x, weight, bias, padding) with stride 1; the input gradient by a forward convolution."""
+
+    def __init__(self, padding: int):
+        self.padding = padding
+
+    def execute(self, x: jt.Var, weight: jt.Var, bias: Optional[jt.Var] = None) -> jt.Var:
+        self.saved = (x, weight, bias)
+        return nn.conv2d(x, weight, bias, padding=self.padding)
+
+    def grad(self, dy: Optional[jt.Var]):
+        x, weight, bias = self.saved
+        if dy is None:
+            return (None,) * (2 if bias is None else 3)
+        dy = dy.cast(x.dtype)
+        flipped = weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+        dx = nn.conv2d(dy, flipped, padding=self.padding)
+        # the weight and bias gradients through Jittor's own convolution; lazy, so only computed when asked for
+        # (never in LoRA training, where the convolutions are frozen). A Function's inputs arrive detached.
+        weight = weight.clone().start_grad()
+        dweight = jt.grad((nn.conv2d(x, weight, padding=self.padding) * dy).sum(), weight)
+        if bias is None:
+            return dx, dweight
+        return dx, dweight, dy.sum(dims=(0, 2, 3)).cast(bias.dtype)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm, SiLU, conv, (+ time embedding), GroupNorm, SiLU, dropout, conv, plus the skip path (a 1x1 conv
     when the channel count changes), the sum divided by ``output_scale_factor``."""
@@ -84,12 +134,12 @@ class ResnetBlock2D(nn.Module):
         out_channels = out_channels or in_channels
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_channels, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups_out or groups, out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def execute(self, x: jt.Var, temb: Optional[jt.Var] = None) -> jt.Var:
         h = self.conv1(silu(self.norm1(x)))
@@ -107,7 +157,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, out_channels: Optional[int] = None, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
 
     def execute(self, x: jt.Var) -> jt.Var:
         if self.padding == 0:
@@ -121,7 +171,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, out_channels: Optional[int] = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def execute(self, x: jt.Var, output_size: Optional[tuple[int, int]] = None) -> jt.Var:
         return self.conv(nearest(x, output_size or (x.shape[2] * 2, x.shape[3] * 2)))

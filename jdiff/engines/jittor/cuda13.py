@@ -19,6 +19,12 @@ in five places, all fixed here by small edits of Jittor's installed sources:
   cuDNN RNN ops use APIs cuDNN 9 removed, and one compile error there disables cuDNN for convolutions too,
   so their four source files are moved aside (jdiff uses no RNN).
 
+One numerical fix rides along, in the same way: Jittor's 2-D convolutions give cuDNN the tensors' own type as
+the compute type, so float16 convolutions accumulate in float16 (cuDNN's "true half"); the edit asks for
+float32 accumulation, as PyTorch's float16 convolutions have it (float32 ones are unchanged). Measured on an
+H100 at SD 2.1's shapes, float16 accumulation left input gradients up to 1.3% (of the largest value) apart
+between two cuDNN algorithms (docs/benchmarks.md, ninth run).
+
 Every changed file is backed up first under ``<jittor>/.jdiff-cuda13/`` with a manifest; ``revert`` restores
 the bytes and removes the links it made. Applying twice changes nothing. Jittor recompiles what changed on
 its next import (its cache notices the edited sources).
@@ -70,7 +76,10 @@ EDITS = (
          "cub::TransformInputIterator was removed in CCCL 3"),
     Edit("extern/cuda/cub/ops/cub_where_op.cc", r"#include <thrust/transform.h>\n(?!#include <thrust/iterator)",
          "#include <thrust/transform.h>\n#include <thrust/iterator/counting_iterator.h>\n"
-         "#include <thrust/iterator/transform_iterator.h>\n", "thrust's iterators replace cub's"),
+         "#include <thrust/iterator/transform_iterator.h>\n", "thrust's iterators replace cub's"), *(Edit(f"extern/cuda/cudnn/ops/{name}.cc", r"CUDNN_CROSS_CORRELATION, getDataType<Ty>\(\)",
+           "CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT /* jdiff-cuda13: float32 accumulation */",
+           "float16 convolutions accumulated in float16 (cuDNN's true-half mode): float32, as torch's do")
+      for name in ("cudnn_conv_op", "cudnn_conv_backward_x_op", "cudnn_conv_backward_w_op")),
 )
 RNN_SOURCES = (
     "extern/cuda/cudnn/ops/cudnn_rnn_op.cc", "extern/cuda/cudnn/ops/cudnn_rnn_op.h",

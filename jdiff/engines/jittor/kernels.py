@@ -13,17 +13,21 @@ Why (measured on an H100, one SD 2.1 training step at 512 px, batch 2):
   through a 32 x 32 shared-memory tile reads and writes whole rows.
 - Jittor reduces each output element with one thread: a GroupNorm over (batch 2, 32 groups) has 64 long
   rows (40,960 values at 64 x 64 latents), so its statistics ran on 64 threads of the GPU: the norms and
-  their gradients took over 100 ms of the step. Here one thread block serves each group, all its threads
-  reading consecutive values, with a two-pass variance (the mean first, then the centred squares) as torch
-  computes it.
+  their gradients took over 100 ms of the step. One thread block a group was the first fix; but 64 blocks
+  still leave most of an H100 idle (the VAE's groups hold a million values each), and that forward kernel
+  took 17.7 ms of a 116 ms replayed step. The forward now spreads each group over many blocks: sums of
+  chunks, shifted by the group's first value (so the sum of squares keeps its digits when the mean dwarfs
+  the spread), combined per group in a fixed order (runs stay bit-identical), then an elementwise pass
+  (about 4.4 ms a step, docs/benchmarks.md ninth run). The backward keeps one block a group.
 
 GroupNorm's gradient: with xhat = (x - mean) * rstd and g = dy * weight (per channel), n values a group,
     dx = rstd * (g - sum(g) / n - xhat * sum(g * xhat) / n)
 (one kernel: the two sums per group, then dx); the weight and bias gradients are Jittor ops that Jittor
 computes only when something asks for them (they are frozen in LoRA training).
 
-Each kernel has CPU loops with the same arithmetic, so the CPU tests run the algorithm and the gradient
-wiring; the CUDA kernels are checked on the GPU by ``launch/check_jittor_kernels.py``.
+Each kernel has CPU loops with the same per-element arithmetic (the GroupNorm forward's statistics in one
+double-precision loop a group, not in chunks), so the CPU tests run the formulas and the gradient wiring; the
+CUDA kernels are checked on the GPU by ``launch/check_jittor_kernels.py``.
 """
 
 from __future__ import annotations
@@ -206,25 +210,79 @@ __device__ float block_sum(float v, float* scratch) {
     return v;
 }
 
-// one block per (sample, group); the group's values are contiguous: cpg channels of `positions` values
-template <class T, class W>
-__global__ void gn_forward(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
-                           T* __restrict__ y, float* mean_out, float* rstd_out, int groups, int cpg, int positions,
-                           float eps) {
+// The forward pass in three kernels, so that every group's statistics spread over many blocks (one block a
+// group leaves most of the GPU idle at batch 2: 64 blocks, each reading a VAE group's million values 3 times).
+// 1. gn_chunk_stats: block (chunk, row) sums its chunk of one row (a row: one sample's group, contiguous),
+//    shifted by the row's first value (all chunks of a row share the shift, and it sits among the data, so the
+//    sum of squares keeps its digits); writes (sum, sum of squares) to the partials.
+// 2. gn_row_stats: one warp a row adds its chunks' partials in a fixed order (deterministic) into mean, 1/std.
+// 3. gn_apply: every value normalised, scaled and shifted, over as many blocks as the tensor needs.
+// The partials live in a static device buffer: Jittor runs its kernels on one stream, one after another.
+// Rows (batch x groups) go in the grid's y dimension: at most 65,535.
+constexpr int GN_MAX_PARTIALS = 1 << 16;
+__device__ float2 gn_partials[GN_MAX_PARTIALS];
+
+// the number of chunks a row splits into: enough blocks in all to fill the GPU several times over, chunks of at
+// least 2,048 values, and the partials within their buffer
+inline int gn_chunks(int rows, int n) {
+    int chunks = (1024 + rows - 1) / rows;
+    if (chunks > n / 2048) chunks = n / 2048;
+    if (chunks > GN_MAX_PARTIALS / rows) chunks = GN_MAX_PARTIALS / rows;
+    return chunks < 1 ? 1 : chunks;
+}
+
+template <class T>
+__global__ void gn_chunk_stats(const T* __restrict__ x, int n, int chunk) {
     __shared__ float scratch[32];
-    const int n = cpg * positions, c0 = (blockIdx.x % groups) * cpg;
-    const size_t base = (size_t)blockIdx.x * n;
-    float s = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += f32(x[base + i]);
-    const float mean = block_sum(s, scratch) / n;
-    float q = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) { const float d = f32(x[base + i]) - mean; q += d * d; }
-    const float rstd = 1.f / sqrtf(block_sum(q, scratch) / n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int c = c0 + i / positions;
-        store(y + base + i, gn_out(f32(x[base + i]), mean, rstd, f32(weight[c]), f32(bias[c])));
+    const size_t base = (size_t)blockIdx.y * n;
+    const int begin = blockIdx.x * chunk, end = min(n, begin + chunk);
+    const float shift = f32(x[base]);
+    float s = 0.f, q = 0.f;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float d = f32(x[base + i]) - shift;
+        s += d;
+        q += d * d;
     }
-    if (threadIdx.x == 0) { mean_out[blockIdx.x] = mean; rstd_out[blockIdx.x] = rstd; }
+    s = block_sum(s, scratch);
+    q = block_sum(q, scratch);
+    if (threadIdx.x == 0) gn_partials[blockIdx.y * gridDim.x + blockIdx.x] = make_float2(s, q);
+}
+
+template <class T>
+__global__ void gn_row_stats(const T* __restrict__ x, float* mean_out, float* rstd_out, int rows, int n, int chunks,
+                             float eps) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float s = 0.f, q = 0.f;
+    for (int c = lane; c < chunks; c += 32) {
+        const float2 p = gn_partials[row * chunks + c];
+        s += p.x;
+        q += p.y;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        q += __shfl_xor_sync(0xffffffffu, q, o);
+    }
+    if (lane == 0) {
+        const float shifted_mean = s / n;
+        const float var = fmaxf(q / n - shifted_mean * shifted_mean, 0.f);
+        mean_out[row] = f32(x[(size_t)row * n]) + shifted_mean;
+        rstd_out[row] = 1.f / sqrtf(var + eps);
+    }
+}
+
+// block (j, row): a stretch of one row; 32-bit index arithmetic within the row
+template <class T, class W>
+__global__ void gn_apply(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
+                         const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ y, int groups,
+                         int cpg, int positions) {
+    const int n = cpg * positions, row = blockIdx.y, c0 = (row % groups) * cpg;
+    const size_t base = (size_t)row * n;
+    const float m = mean[row], r = rstd[row];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+        const int c = c0 + j / positions;
+        store(y + base + j, gn_out(f32(x[base + j]), m, r, f32(weight[c]), f32(bias[c])));
+    }
 }
 
 template <class T, class W>
@@ -254,8 +312,12 @@ __global__ void gn_backward(const T* __restrict__ x, const W* __restrict__ weigh
 # GROUPS, EPS and THREADS are filled in by gn_source.
 GN_FORWARD_CUDA = r"""
 const int batch = (int)in0_shape0, cpg = (int)in0_shape1 / GROUPS, positions = (int)in0_shape2;
-jdiff_kernels::gn_forward<<<batch * GROUPS, THREADS>>>(in0_p, in1_p, in2_p, out0_p, out1_p, out2_p, GROUPS, cpg,
-                                                      positions, (float)EPS);
+const int rows = batch * GROUPS, n = cpg * positions, chunks = jdiff_kernels::gn_chunks(rows, n);
+jdiff_kernels::gn_chunk_stats<<<dim3(chunks, rows), THREADS>>>(in0_p, n, (n + chunks - 1) / chunks);
+jdiff_kernels::gn_row_stats<<<(rows + 7) / 8, 256>>>(in0_p, out1_p, out2_p, rows, n, chunks, (float)EPS);
+const int stretches = (n + 255) / 256;
+jdiff_kernels::gn_apply<<<dim3(stretches < 4096 ? stretches : 4096, rows), 256>>>(in0_p, in1_p, in2_p, out1_p, out2_p,
+                                                                                 out0_p, GROUPS, cpg, positions);
 """
 
 # in0 x, in1 weight, in2 mean, in3 1/std, in4 dy; out0 dx

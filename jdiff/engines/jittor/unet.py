@@ -25,8 +25,8 @@ import jittor as jt
 from jittor import nn
 
 from jdiff.engines.base import EngineError
-from jdiff.engines.jittor.blocks import (Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D, attention,
-                                         channels_first, channels_last, silu)
+from jdiff.engines.jittor.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D,
+                                         attention, channels_first, channels_last, silu)
 from jdiff.engines.jittor.weights import build_from_folder
 
 # Config keys with the value every SD 1.x/2.x UNet has; anything else needs code this file does not have.
@@ -161,8 +161,8 @@ class Transformer2DModel(nn.Module):
             self.proj_in = nn.Linear(in_channels, inner)
             self.proj_out = nn.Linear(inner, in_channels)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner, 1)
-            self.proj_out = nn.Conv2d(inner, in_channels, 1)
+            self.proj_in = Conv2d(in_channels, inner, 1)
+            self.proj_out = Conv2d(inner, in_channels, 1)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, upcast) for _ in range(num_layers)
         ])
@@ -306,7 +306,7 @@ class UNet2DConditionModel(nn.Module):
                         upcast=config.get("upcast_attention", False))
 
         self.center_input_sample = config.get("center_input_sample", False)
-        self.conv_in = nn.Conv2d(config.get("in_channels", 4), channels[0], in_kernel, padding=(in_kernel - 1) // 2)
+        self.conv_in = Conv2d(config.get("in_channels", 4), channels[0], in_kernel, padding=(in_kernel - 1) // 2)
         self.time_proj = Timesteps(channels[0], config.get("flip_sin_to_cos", True), config.get("freq_shift", 0))
         self.time_embedding = TimestepEmbedding(channels[0], temb)
 
@@ -329,7 +329,7 @@ class UNet2DConditionModel(nn.Module):
                 attention=attention_settings(level, channels[level]) if kind == "CrossAttnUpBlock2D" else None,
             ))
         self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, affine=True)
-        self.conv_out = nn.Conv2d(channels[0], config.get("out_channels", 4), out_kernel,
+        self.conv_out = Conv2d(channels[0], config.get("out_channels", 4), out_kernel,
                                   padding=(out_kernel - 1) // 2)
 
     @classmethod

@@ -24,8 +24,8 @@ import jittor as jt
 from jittor import nn
 
 from jdiff.engines.base import EngineError
-from jdiff.engines.jittor.blocks import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention, channels_first,
-                                         channels_last, silu)
+from jdiff.engines.jittor.blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention,
+                                         channels_first, channels_last, silu)
 from jdiff.engines.jittor.weights import build_from_folder
 
 # diffusers' defaults for the config keys SD checkpoints may leave out
@@ -131,14 +131,14 @@ class Encoder(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         channels, groups, levels = c["block_out_channels"], c["norm_num_groups"], len(c["block_out_channels"])
-        self.conv_in = nn.Conv2d(c["in_channels"], channels[0], 3, padding=1)
+        self.conv_in = Conv2d(c["in_channels"], channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownEncoderBlock(channels[max(i - 1, 0)], channels[i], c["layers_per_block"], groups, i < levels - 1)
             for i in range(levels)
         ])
         self.mid_block = MidBlock(channels[-1], groups, c["mid_block_add_attention"])
         self.conv_norm_out = GroupNorm(groups, channels[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * c["latent_channels"], 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * c["latent_channels"], 3, padding=1)
 
     def execute(self, x: jt.Var) -> jt.Var:
         x = self.conv_in(x)
@@ -151,7 +151,7 @@ class Decoder(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         channels, groups = list(reversed(c["block_out_channels"])), c["norm_num_groups"]
-        self.conv_in = nn.Conv2d(c["latent_channels"], channels[0], 3, padding=1)
+        self.conv_in = Conv2d(c["latent_channels"], channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, c["mid_block_add_attention"])
         self.up_blocks = nn.ModuleList([
             UpDecoderBlock(channels[max(i - 1, 0)], channels[i], c["layers_per_block"] + 1, groups,
@@ -159,7 +159,7 @@ class Decoder(nn.Module):
             for i in range(len(channels))
         ])
         self.conv_norm_out = GroupNorm(groups, channels[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(channels[-1], c["out_channels"], 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], c["out_channels"], 3, padding=1)
 
     def execute(self, z: jt.Var) -> jt.Var:
         x = self.mid_block(self.conv_in(z))
@@ -177,8 +177,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
         latent = c["latent_channels"]
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if c["use_quant_conv"] else None
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if c["use_post_quant_conv"] else None
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1) if c["use_quant_conv"] else None
+        self.post_quant_conv = Conv2d(latent, latent, 1) if c["use_post_quant_conv"] else None
 
     @classmethod
     def from_pretrained(cls, folder: Path, allow_pickle: bool = False) -> "AutoencoderKL":
