@@ -14,7 +14,8 @@ Sections (each variant x section runs in a fresh process, so memory and compile 
 - ``check``: correctness of each speed path: five training steps' losses and one batch of images from the
   same inputs, against the fp32 torch engine, within limits set by the variant's precision (CHECK_LIMITS).
 - ``e2e``: one style end to end through ``python -m jdiff.main`` (800 steps + the images + the Hist score),
-  with the class-image cache warmed by an earlier run, wall time of the whole command.
+  with the class-image cache warmed by an earlier run, wall time of the whole command; also its stages'
+  seconds, and from its loss log the first training step's seconds and the loop's steps/s after it.
 
 Variants: ``baseline`` is plain diffusers + peft in fp32 the way the reference DreamBooth-LoRA script runs
 (text encoder and VAE every step, a loss.item() every step); the others are jdiff engines with settings
@@ -25,6 +26,7 @@ Variants: ``baseline`` is plain diffusers + peft in fp32 the way the reference D
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import subprocess
@@ -308,7 +310,19 @@ def end_to_end(variant: str, args) -> dict:
     if done.returncode:
         return {"error": done.stderr[-2000:]}
     stage_seconds = json.loads((run_dir / "COMPLETE").read_text()).get("stage_seconds")
-    return {"e2e_s": seconds, "train_steps": args.e2e_steps, "run_dir": str(run_dir), "stage_seconds": stage_seconds}
+    return {"e2e_s": seconds, "train_steps": args.e2e_steps, "run_dir": str(run_dir), "stage_seconds": stage_seconds,
+            **loop_speed(run_dir / "loss.csv")}
+
+
+def loop_speed(loss_log: Path) -> dict:
+    """From a run's loss log (seconds since training started, at each step's record): the first step's
+    seconds (recording, compiling) apart from the pace of the pipeline's loop after it, to set against the
+    train section's steps/s (prepared batches, no pipeline)."""
+    with open(loss_log, newline="") as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    if len(seconds) < 2:
+        return {"first_step_s": seconds[0] if seconds else None}
+    return {"first_step_s": seconds[0], "loop_steps_per_s": (len(seconds) - 1) / (seconds[-1] - seconds[0])}
 
 
 # -- the parent: one child process per measurement ----------------------------------------------------------

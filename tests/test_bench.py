@@ -18,7 +18,8 @@ def test_bench_measures_every_section_and_compares_with_the_baseline(tmp_path, c
         assert results[variant]["train"]["steps_per_s"] > 0, results[variant]
         assert results[variant]["generate"]["images"] == 3 and results[variant]["generate"]["generate_s"] > 0
     assert "skipped" in results["baseline"]["e2e"]
-    assert results["torch"]["e2e"]["e2e_s"] > 0, results["torch"]["e2e"]
+    e2e = results["torch"]["e2e"]
+    assert e2e["e2e_s"] > 0 and e2e["first_step_s"] > 0 and e2e["loop_steps_per_s"] > 0, e2e
     run_dir = tmp_path / "cache" / "e2e" / "runs" / results["torch"]["e2e"]["run_dir"].rsplit("/", 1)[-1]
     assert (run_dir / "COMPLETE").exists() and len(list((run_dir / "images").glob("*.png"))) == 25
     printed = capsys.readouterr().out
