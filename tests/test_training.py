@@ -179,13 +179,22 @@ def test_learning_rate_schedules():
     assert learning_rate(100, 1.0, 100, "cosine") == pytest.approx(0.0)
 
 
-def test_a_run_logs_loss_as_style_plus_weighted_prior(jdiff_root, tmp_path):
+def test_a_run_logs_loss_as_style_plus_weighted_prior(jdiff_root, tmp_path, caplog):
     import csv
+    import logging
+    import re
 
-    run(quick_cfg(jdiff_root, "prior.weight=0.5", "init=noise"), tmp_path)
-    for row in csv.DictReader(open(tmp_path / "loss.csv")):
+    with caplog.at_level(logging.INFO, logger="jdiff.train"):
+        run(quick_cfg(jdiff_root, "prior.weight=0.5", "init=noise"), tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    for row in rows:
         expected = float(row["style_loss"]) + 0.5 * float(row["prior_loss"])
         assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)
+    # the summary line splits the loop's time: the seconds it waited for the batch worker are part of the total
+    found = [re.search(r"trained (\d+) steps in ([\d.]+) s .*; ([\d.]+) s of it waiting for the next batch",
+                       r.getMessage()) for r in caplog.records]
+    steps, total, waited = next(m.groups() for m in found if m)
+    assert int(steps) == len(rows) and 0 <= float(waited) <= float(total)
 
 
 def test_text_states_are_encoded_once_per_prompt_only_while_the_encoder_is_frozen(tiny_model_dir, monkeypatch):
