@@ -377,7 +377,7 @@ def run_child(variant: str, section: str, argv: list[str]) -> dict:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "host": platform.node(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jdiff": str(Path(__file__).resolve().parent)}
     try:
         info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                      capture_output=True, text=True, timeout=30).stdout.strip()

@@ -36,3 +36,30 @@ def test_bench_checks_each_speed_path_against_the_fp32_engine(tmp_path, capsys):
     bf16 = results["torch-bf16"]["check"]
     assert bf16["ok"] and 0 < bf16["loss_rel_error"] <= 3e-2, bf16  # within the limit, and really bf16
     assert "torch-bf16 vs fp32 torch: loss rel error" in capsys.readouterr().out
+
+
+def test_ab_script_runs_each_tree_in_turn_on_one_cache(tmp_path):
+    """launch/ab_bench.sh: the bench from tree A, then from tree B (its own jdiff package, not the checkout's),
+    sharing one model cache; a folder that is not a jdiff tree is refused before anything runs."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "other"
+    shutil.copytree(root / "jdiff", other / "jdiff", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "OUT": str(tmp_path / "ab"), "AB_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(["bash", str(root / "launch" / "ab_bench.sh"), str(root), str(other), "1", "--",
+                           "--model", "tiny", "--device", "cpu", "--resolution", "64", "--sections", "train",
+                           "--variants", "torch", "--steps", "1", "--warmup", "1"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for side, tree in (("A", root), ("B", other)):
+        result = json.loads((tmp_path / "ab" / f"ab-{side}-1.json").read_text())
+        assert result["machine"]["jdiff"] == str(tree / "jdiff")
+        assert result["results"]["torch"]["train"]["steps_per_s"] > 0
+    assert done.stdout.count("| torch |") == 2
+    refused = subprocess.run(["bash", str(root / "launch" / "ab_bench.sh"), str(root), str(tmp_path), "--",
+                              "--sections", "train"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "not a jdiff source tree" in refused.stderr
