@@ -38,7 +38,7 @@ BLOCKS_WANTED = 512
 
 
 # The most shared memory one block may opt into, by compute capability (CUDA C programming guide); other
-# compute capabilities from 8.0 on have 99 KiB (8.6, 8.9, 12.x), earlier ones have no WMMA path here.
+# compute capabilities from 8.0 on have 99 KiB (8.6, 8.9, 12.x), earlier ones have no tensor-core path here.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 103: 227 * 1024}
 OTHER_LIMIT = 99 * 1024
 
@@ -117,9 +117,9 @@ __device__ __forceinline__ void load_rows(half* dst, const half* src, int n_vali
     }
 }
 
-// c (16 x 16*NT floats, row stride ldc) = a (16 x 16*KT, row-major, stride lda) b, where b is (16*KT x 16*NT)
-// given row-major (stride ldb), or, B_T, as the rows of its transpose (the rows of K for Q K^T)
-template <int NT, int KT, bool B_T>
+// c (16 x 16*NT floats, row stride ldc) = a (16 x 16*KT, row-major, stride lda) b, where b (16*KT x 16*NT) is
+// given as the rows of its transpose (stride ldb; the rows of K for Q K^T)
+template <int NT, int KT>
 __device__ __forceinline__ void warp_matmul(const half* a, int lda, const half* b, int ldb, float* c, int ldc) {
 #pragma unroll
     for (int j = 0; j < NT; j++) {
@@ -129,15 +129,9 @@ __device__ __forceinline__ void warp_matmul(const half* a, int lda, const half* 
         for (int k = 0; k < KT; k++) {
             FragA fa;
             wmma::load_matrix_sync(fa, a + k * 16, lda);
-            if (B_T) {
-                FragBt fb;
-                wmma::load_matrix_sync(fb, b + j * 16 * ldb + k * 16, ldb);
-                wmma::mma_sync(acc, fa, fb, acc);
-            } else {
-                FragB fb;
-                wmma::load_matrix_sync(fb, b + k * 16 * ldb + j * 16, ldb);
-                wmma::mma_sync(acc, fa, fb, acc);
-            }
+            FragBt fb;
+            wmma::load_matrix_sync(fb, b + j * 16 * ldb + k * 16, ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
         }
         wmma::store_matrix_sync(c + j * 16, acc, ldc, wmma::mem_row_major);
     }
@@ -370,8 +364,8 @@ __global__ void __launch_bounds__(THREADS) grad_query_kernel(const half* q, cons
         load_rows(k_s, k + (bh * n_k + k0) * D, nk, TILE);
         load_rows(v_s, v + (bh * n_k + k0) * D, nk, TILE);
         __syncthreads();
-        warp_matmul<TILE / 16, D / 16, true>(q_s + warp * 16 * LDH, LDH, k_s, LDH, s_s + warp * 16 * LDS, LDS);
-        warp_matmul<TILE / 16, D / 16, true>(do_s + warp * 16 * LDH, LDH, v_s, LDH, dp_s + warp * 16 * LDS, LDS);
+        warp_matmul<TILE / 16, D / 16>(q_s + warp * 16 * LDH, LDH, k_s, LDH, s_s + warp * 16 * LDS, LDS);
+        warp_matmul<TILE / 16, D / 16>(do_s + warp * 16 * LDH, LDH, v_s, LDH, dp_s + warp * 16 * LDS, LDS);
         __syncwarp();
         const float row_lse = lse_s[row], row_delta = delta_s[row];
 #pragma unroll
@@ -427,8 +421,8 @@ __global__ void __launch_bounds__(THREADS) grad_key_kernel(const half* q, const 
             delta_t[threadIdx.x] = threadIdx.x < nq ? delta[bh * n_q + q0 + threadIdx.x] : 0.f;
         }
         __syncthreads();
-        warp_matmul<TILE / 16, D / 16, true>(k_s + warp * 16 * LDH, LDH, q_s, LDH, st_s + warp * 16 * LDS, LDS);
-        warp_matmul<TILE / 16, D / 16, true>(v_s + warp * 16 * LDH, LDH, do_s, LDH, dpt_s + warp * 16 * LDS, LDS);
+        warp_matmul<TILE / 16, D / 16>(k_s + warp * 16 * LDH, LDH, q_s, LDH, st_s + warp * 16 * LDS, LDS);
+        warp_matmul<TILE / 16, D / 16>(v_s + warp * 16 * LDH, LDH, do_s, LDH, dpt_s + warp * 16 * LDS, LDS);
         __syncwarp();
 #pragma unroll
         for (int c = 0; c < 16; c++) {
