@@ -119,6 +119,20 @@ def test_conv_that_changes_the_size_takes_jittors_path(fused, monkeypatch):
     assert not calls and grad.shape == x.shape
 
 
+def test_group_norm_past_the_kernels_row_limit_takes_jittors_ops(fused, monkeypatch):
+    """The CUDA forward puts (sample, group) rows in its grid's y dimension (at most 65,535): beyond that the
+    module falls back to Jittor's ops, with the same result."""
+    rng = np.random.default_rng(6)
+    norm = blocks.GroupNorm(4, 8, eps=1e-5)
+    x = jt.array(rng.standard_normal((2, 8, 3, 3)).astype(np.float32))
+    within = norm(x).numpy()
+    calls = []
+    monkeypatch.setattr(kernels, "GN_MAX_ROWS", 7)  # 2 samples x 4 groups = 8 rows: past it
+    monkeypatch.setattr(kernels, "group_norm", lambda *args: calls.append(args))
+    np.testing.assert_allclose(norm(x).numpy(), within, rtol=1e-5, atol=1e-5)
+    assert not calls
+
+
 def test_unet_output_and_lora_gradients_same_with_and_without_kernels(monkeypatch, tiny_model_dir):
     from jdiff.engines.jittor.lora import attach_lora, lora_parameters
     from jdiff.engines.jittor.unet import UNet2DConditionModel

@@ -18,7 +18,7 @@ Why (measured on an H100, one SD 2.1 training step at 512 px, batch 2):
   took 17.7 ms of a 116 ms replayed step. The forward now spreads each group over many blocks: sums of
   chunks, shifted by the group's first value (so the sum of squares keeps its digits when the mean dwarfs
   the spread), combined per group in a fixed order (runs stay bit-identical), then an elementwise pass
-  (about 4.4 ms a step, docs/benchmarks.md ninth run). The backward keeps one block a group.
+  (about 4 ms a step, docs/benchmarks.md ninth run). The backward keeps one block a group.
 
 GroupNorm's gradient: with xhat = (x - mean) * rstd and g = dy * weight (per channel), n values a group,
     dx = rstd * (g - sum(g) / n - xhat * sum(g * xhat) / n)
@@ -40,6 +40,7 @@ MODE = "auto"
 MODES = ("auto", "fused", "unfused")
 DTYPES = ("float32", "float16")
 THREADS = 512  # GroupNorm: threads per group's block
+GN_MAX_ROWS = 65535  # GroupNorm's CUDA forward: (sample, group) rows go in its grid's y dimension
 
 
 def applies(x: Optional[jt.Var] = None) -> bool:
@@ -218,7 +219,8 @@ __device__ float block_sum(float v, float* scratch) {
 // 2. gn_row_stats: one warp a row adds its chunks' partials in a fixed order (deterministic) into mean, 1/std.
 // 3. gn_apply: every value normalised, scaled and shifted, over as many blocks as the tensor needs.
 // The partials live in a static device buffer: Jittor runs its kernels on one stream, one after another.
-// Rows (batch x groups) go in the grid's y dimension: at most 65,535.
+// Rows (batch x groups) go in the grid's y dimension: at most 65,535 (GN_MAX_ROWS; blocks.GroupNorm takes
+// Jittor's ops beyond that), which also keeps one chunk a row within the partials.
 constexpr int GN_MAX_PARTIALS = 1 << 16;
 __device__ float2 gn_partials[GN_MAX_PARTIALS];
 
