@@ -81,7 +81,7 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     engine.setup_training(optimizer_settings(cfg))
     n = cfg.train.batch_size
     rows: list[dict] = []
-    waited = [0.0]  # seconds the loop waited for the worker's next batch
+    waited = 0.0  # seconds the loop waited for the worker's next batch
     started = time.perf_counter()
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step")
 
@@ -98,13 +98,14 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     def steps(worker: ThreadPoolExecutor):
         """(batch, lr) of each step; the next batch is drawn on the worker thread (augmentation is CPU work)
         while the engine runs this one. Batches depend on (seed, step) only."""
+        nonlocal waited
         draw = lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
                                        latent_shape)
         upcoming = worker.submit(draw, 0)
         for step in range(cfg.train.steps):
             asked = time.perf_counter()
             batch = upcoming.result()
-            waited[0] += time.perf_counter() - asked
+            waited += time.perf_counter() - asked
             if step + 1 < cfg.train.steps:
                 upcoming = worker.submit(draw, step + 1)
             yield batch, learning_rate(step, cfg.train.lr, cfg.train.steps, cfg.train.lr_schedule,
@@ -120,7 +121,7 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     finally:
         bar.close()
     log.info("trained %d steps in %.1f s (%.2f steps/s; %.1f s of it waiting for the next batch)", len(rows),
-             rows[-1]["seconds"], len(rows) / max(rows[-1]["seconds"], 1e-9), waited[0])
+             rows[-1]["seconds"], len(rows) / max(rows[-1]["seconds"], 1e-9), waited)
     return rows
 
 

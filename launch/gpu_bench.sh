@@ -14,7 +14,7 @@
 # JITTOR_VARIANTS (default "jittor jittor-fp16 jittor-fp16-replay"), JITTOR_PROFILE (default "jittor-fp16"; Jittor's profiler
 # sees eager steps only), JITTOR_BENCH (default "check,train,generate"); variant lists
 # for the torch sections: TORCH_CHECK, TORCH_TRAIN, TORCH_GEN, E2E, TORCH_PROFILE. ATTENTION=1 / KERNELS=1 add the GPU checks
-# of the fused attention / the transpose and GroupNorm kernels to the Jittor track.
+# of the fused attention / the transpose, GroupNorm and size-keeping convolution kernels to the Jittor track.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu_out}"); mkdir -p "$OUT"

@@ -76,7 +76,8 @@ EDITS = (
          "cub::TransformInputIterator was removed in CCCL 3"),
     Edit("extern/cuda/cub/ops/cub_where_op.cc", r"#include <thrust/transform.h>\n(?!#include <thrust/iterator)",
          "#include <thrust/transform.h>\n#include <thrust/iterator/counting_iterator.h>\n"
-         "#include <thrust/iterator/transform_iterator.h>\n", "thrust's iterators replace cub's"), *(Edit(f"extern/cuda/cudnn/ops/{name}.cc", r"CUDNN_CROSS_CORRELATION, getDataType<Ty>\(\)",
+         "#include <thrust/iterator/transform_iterator.h>\n", "thrust's iterators replace cub's"),
+    *(Edit(f"extern/cuda/cudnn/ops/{name}.cc", r"CUDNN_CROSS_CORRELATION, getDataType<Ty>\(\)",
            "CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT /* jdiff-cuda13: float32 accumulation */",
            "float16 convolutions accumulated in float16 (cuDNN's true-half mode): float32, as torch's do")
       for name in ("cudnn_conv_op", "cudnn_conv_backward_x_op", "cudnn_conv_backward_w_op")),

@@ -201,9 +201,8 @@ __device__ __forceinline__ unsigned pack_halves(half lo, half hi) {
     return *reinterpret_cast<const unsigned*>(&h);
 }
 
-__global__ void __launch_bounds__(THREADS) forward_kernel(const half* q, const half* k, const half* v,
-                                                              half* out, float* lse, int n_q, int n_k,
-                                                              float scale) {
+__global__ void __launch_bounds__(THREADS) forward_kernel(const half* q, const half* k, const half* v, half* out,
+                                                          float* lse, int n_q, int n_k, float scale) {
     extern __shared__ __align__(128) unsigned char smem[];
     half* q_s = reinterpret_cast<half*>(smem);
     half* k_s = q_s + ROWS * LDH;

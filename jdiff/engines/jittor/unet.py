@@ -329,8 +329,7 @@ class UNet2DConditionModel(nn.Module):
                 attention=attention_settings(level, channels[level]) if kind == "CrossAttnUpBlock2D" else None,
             ))
         self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, affine=True)
-        self.conv_out = Conv2d(channels[0], config.get("out_channels", 4), out_kernel,
-                                  padding=(out_kernel - 1) // 2)
+        self.conv_out = Conv2d(channels[0], config.get("out_channels", 4), out_kernel, padding=(out_kernel - 1) // 2)
 
     @classmethod
     def from_pretrained(cls, folder: Path, allow_pickle: bool = False) -> "UNet2DConditionModel":
