@@ -320,9 +320,11 @@ def loop_speed(loss_log: Path) -> dict:
     train section's steps/s (prepared batches, no pipeline)."""
     with open(loss_log, newline="") as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
-    if len(seconds) < 2:
-        return {"first_step_s": seconds[0] if seconds else None}
-    return {"first_step_s": seconds[0], "loop_steps_per_s": (len(seconds) - 1) / (seconds[-1] - seconds[0])}
+    span = seconds[-1] - seconds[0] if len(seconds) > 1 else 0.0
+    # A step's loss is read once the next step is queued, so the last two records can share one instant:
+    # over too few steps the span may be zero, and the pace is then unknown (None), not infinite.
+    return {"first_step_s": seconds[0] if seconds else None,
+            "loop_steps_per_s": (len(seconds) - 1) / span if span > 0 else None}
 
 
 # -- the parent: one child process per measurement ----------------------------------------------------------

@@ -7,7 +7,8 @@
 # empty folder, so neither tree shadows the other) and shares one model cache, $AB_CACHE (default
 # data/cache/bench here), which must hold the model already: a torch-path bench run builds it. AB_PATH goes in
 # front of PYTHONPATH (on the device machine: /tmp/np1:/tmp/site for Jittor, /tmp/site for torch). Each run
-# writes $OUT/ab-<A|B>-<round>.json (default OUT=ab_out) and prints its table row. Default ROUNDS: 2.
+# writes $OUT/ab-<A|B>-<round>.json (default OUT=ab_out) and prints its table row. Default ROUNDS: 2. The
+# interpreter is $PYTHON (default python3).
 set -uo pipefail
 usage() { echo "usage: $0 TREE_A TREE_B [ROUNDS] -- BENCH_ARGS..." >&2; exit 2; }
 [ $# -ge 3 ] || usage
@@ -26,10 +27,11 @@ failed=0
 for round in $(seq 1 "$ROUNDS"); do
   for side in A B; do
     tree=$A; [ "$side" == B ] && tree=$B
+    log=$OUT/ab-$side-$round.log
     echo "=== $side, round $round: $tree ($(date +%T))"
-    PYTHONPATH=${AB_PATH:+$AB_PATH:}$tree python3 -m jdiff.bench --cache "$CACHE" --out "$OUT/ab-$side-$round.json" \
-      "$@" > "$OUT/ab-$side-$round.log" 2>&1 || { failed=1; tail -5 "$OUT/ab-$side-$round.log"; }
-    grep "^| \| vs " "$OUT/ab-$side-$round.log"
+    PYTHONPATH=${AB_PATH:+$AB_PATH:}$tree "${PYTHON:-python3}" -m jdiff.bench --cache "$CACHE" \
+      --out "$OUT/ab-$side-$round.json" "$@" > "$log" 2>&1 || { failed=1; tail -5 "$log"; }
+    grep "^| \| vs " "$log"
   done
 done
 exit $failed

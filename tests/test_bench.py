@@ -11,7 +11,7 @@ from jdiff.bench import main
 def test_bench_measures_every_section_and_compares_with_the_baseline(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--model", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2", "--warmup", "1",
-                 "--images", "3", "--batch", "2", "--infer-steps", "3", "--e2e-steps", "2",
+                 "--images", "3", "--batch", "2", "--infer-steps", "3", "--e2e-steps", "3",
                  "--variants", "baseline,torch", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     for variant in ("baseline", "torch"):
@@ -44,12 +44,13 @@ def test_ab_script_runs_each_tree_in_turn_on_one_cache(tmp_path):
     import os
     import shutil
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     other = tmp_path / "other"
     shutil.copytree(root / "jdiff", other / "jdiff", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "OUT": str(tmp_path / "ab"), "AB_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OUT": str(tmp_path / "ab"), "AB_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(root / "launch" / "ab_bench.sh"), str(root), str(other), "1", "--",
                            "--model", "tiny", "--device", "cpu", "--resolution", "64", "--sections", "train",
                            "--variants", "torch", "--steps", "1", "--warmup", "1"],
@@ -63,3 +64,14 @@ def test_ab_script_runs_each_tree_in_turn_on_one_cache(tmp_path):
     refused = subprocess.run(["bash", str(root / "launch" / "ab_bench.sh"), str(root), str(tmp_path), "--",
                               "--sections", "train"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "not a jdiff source tree" in refused.stderr
+
+
+def test_loop_speed_reads_the_pace_after_the_first_step_and_leaves_a_zero_span_unknown(tmp_path):
+    from jdiff.bench import loop_speed
+    from jdiff.train import write_loss_log
+    log = tmp_path / "loss.csv"
+    row = {"step": 1, "lr": 1e-4, "loss": 0.1, "style_loss": 0.1, "prior_loss": 0.0}
+    write_loss_log(log, [{**row, "step": i + 1, "seconds": s} for i, s in enumerate([4.0, 4.5, 5.0])])
+    assert loop_speed(log) == {"first_step_s": 4.0, "loop_steps_per_s": 2.0}
+    write_loss_log(log, [{**row, "step": i + 1, "seconds": 4.0} for i in range(2)])
+    assert loop_speed(log) == {"first_step_s": 4.0, "loop_steps_per_s": None}
