@@ -286,3 +286,41 @@ def test_engine_jittor_is_a_valid_choice_without_bf16(jdiff_root, tiny_model_dir
     with pytest.raises(EngineError, match="float32"):
         create_engine("jittor", tiny_model_dir, mixed_precision="bf16")
     assert isinstance(create_engine("jittor", tiny_model_dir, device="cpu"), JittorEngine)
+
+
+JITTOR_OOM = ("[f 1128 02:10:11.42 00:w0 cuda_device_allocator.cc:31] Unable to alloc cuda device memory for size "
+              "4294967296\n=== display_memory_info ===\n total_cpu_ram: 125.8GB total_device_ram: 79.1GB\n"
+              " hold_vars: 3412 lived_vars: 3530 lived_ops: 2950")
+
+
+def test_running_out_of_gpu_memory_says_what_to_try_and_keeps_other_errors(tiny_model_dir, monkeypatch):
+    """Jittor's out-of-memory error (its allocator's line and memory report, as it raises it) becomes an
+    EngineError naming what ran out, what to try (fp16 first, for a float32 engine), and the failing line alone;
+    any other RuntimeError passes through as it was."""
+    engine = JittorEngine(tiny_model_dir, device="cpu")
+    engine.add_lora(SPEC)
+    engine.setup_training(SETTINGS)
+
+    def fail(error):
+        def raising(*args, **kwargs):
+            raise error
+        return raising
+
+    monkeypatch.setattr(engine, "loss_terms", fail(RuntimeError(JITTOR_OOM)))
+    with pytest.raises(EngineError) as caught:
+        engine.train_step(training_batch(tiny_model_dir), 1e-4)
+    message = str(caught.value)
+    assert message.startswith("out of GPU memory while training. Try engine.mixed_precision=fp16, ")
+    assert "JDIFF_CUDNN_WORKSPACE_GIB" in message and "infer.batch_size" in message
+    assert "Unable to alloc cuda device memory for size 4294967296" in message and "hold_vars" not in message
+    monkeypatch.setattr(engine, "_generate", fail(RuntimeError("CUDNN_STATUS_ALLOC_FAILED in cudnn_conv_op.cc")))
+    with pytest.raises(EngineError, match="while generating images.*CUDNN_STATUS_ALLOC_FAILED"):
+        engine.generate(None)
+    monkeypatch.setattr(engine, "loss_terms", fail(RuntimeError("Wrong inputs arguments")))
+    with pytest.raises(RuntimeError, match="^Wrong inputs arguments$") as caught:
+        engine.train_step(training_batch(tiny_model_dir), 1e-4)
+    assert not isinstance(caught.value, EngineError)
+    engine.dtype = "float16"  # an fp16 engine is not told to use fp16
+    monkeypatch.setattr(engine, "loss_terms", fail(RuntimeError(JITTOR_OOM)))
+    with pytest.raises(EngineError, match=r"training\. Try JDIFF_CUDNN_WORKSPACE_GIB"):
+        engine.train_step(training_batch(tiny_model_dir), 1e-4)

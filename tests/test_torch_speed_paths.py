@@ -261,3 +261,9 @@ def test_running_out_of_memory_while_recording_stays_an_out_of_memory_error(monk
     call = CapturedCall(lambda x: (x,), warmup=0, capture=True)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # the engine turns this into its out-of-memory advice
         call(torch.ones(2))
+    from jdiff.engines.torch.engine import out_of_memory_hint
+
+    with pytest.raises(EngineError, match=r"^out of GPU memory while training\. Try engine.mixed_precision=bf16, a "
+                                          r"smaller train.batch_size or infer.batch_size.*Tried to allocate 2.00 GiB"):
+        with out_of_memory_hint("training"):
+            call(torch.ones(2))

@@ -21,6 +21,13 @@ class EngineError(RuntimeError):
     """The engine cannot run (missing weights, out of memory, framework missing); the message says why."""
 
 
+def out_of_memory(what: str, tries: str, cause: str) -> EngineError:
+    """The error for a GPU that ran out of memory while doing ``what``: what to try first, then the usual
+    remedies, then the framework's own words (``cause``)."""
+    return EngineError(f"out of GPU memory while {what}. Try {tries}, a smaller train.batch_size or "
+                       f"infer.batch_size, or a free GPU ({cause})")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     unet_rank: int

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch
+from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory
 from jdiff.engines.jittor.env import import_jittor, use_device
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
@@ -45,6 +45,25 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"no": "float32", "fp16": "float16"}
 COMPILE_MODES = ("no", "replay")
+# How Jittor says the GPU ran out of memory: its allocator's own error (after it freed its cache and retried),
+# the CUDA runtime's, and cuDNN's or cuBLAS's
+OUT_OF_MEMORY_SIGNS = ("Unable to alloc cuda device memory", "cudaErrorMemoryAllocation", "STATUS_ALLOC_FAILED")
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(what: str, tries: str):
+    """Turn Jittor's out-of-memory error (a RuntimeError with its memory report) into an EngineError that says
+    what to try; the line that named the failure is kept as the cause."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        sign = next((s for s in OUT_OF_MEMORY_SIGNS if s in text), None)
+        if sign is None or isinstance(err, EngineError):
+            raise
+        jt.gc()
+        cause = next(line for line in text.splitlines() if sign in line).strip()
+        raise out_of_memory(what, tries, cause) from err
 
 
 class DynamicLossScale:
@@ -236,9 +255,19 @@ class JittorEngine(Engine):
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         return ((pred - target) ** 2).mean(dims=(1, 2, 3))
 
+    @property
+    def _memory_tries(self) -> str:
+        """What to try first when the GPU runs out of memory."""
+        half = "" if self.dtype == "float16" else "engine.mixed_precision=fp16, "
+        return half + "JDIFF_CUDNN_WORKSPACE_GIB=2 (a smaller cuDNN search workspace)"
+
     def train_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
-        if self.replay:
-            return self._replayed_step(batch, lr)
+        with out_of_memory_hint("training", self._memory_tries):
+            if self.replay:
+                return self._replayed_step(batch, lr)
+            return self._eager_step(batch, lr)
+
+    def _eager_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_ratio"]
         per_sample = self.loss_terms(batch)
@@ -316,7 +345,7 @@ class JittorEngine(Engine):
     # -- sampling -----------------------------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> list[np.ndarray]:
-        with jt.no_grad():
+        with out_of_memory_hint("generating images", self._memory_tries), jt.no_grad():
             return self._generate(request)
 
     def _generate(self, req: GenerateRequest) -> list[np.ndarray]:

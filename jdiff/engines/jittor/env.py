@@ -4,6 +4,7 @@ API:
     import_jittor(device="auto") -> the ``jittor`` module, on the asked device ("auto", "cpu", "cuda")
     use_device(jt, device)  -> move an imported Jittor to another device
     jittor_device(jt) -> "cuda" or "cpu": where Jittor runs now (``jt.flags.use_cuda``)
+    limit_cudnn_workspace(jt) -> the cap on cuDNN's algorithm-search workspace, in GiB, if one was asked for
     gpu_driver_present() -> the CPU/GPU rule below
 
 Jittor 1.3.11 reads its settings from environment variables once, at its first import, and out of the box
@@ -21,6 +22,12 @@ the user has not set them already:
 Failures become ``EngineError`` with what to do: Jittor missing, numpy 2 (Jittor 1.3.11 segfaults with it),
 or a failed compile (naming the cache folder; the compiler's messages are what Jittor printed above).
 The first import compiles Jittor's core (minutes); later imports reuse the cache.
+
+On the GPU, cuDNN's algorithm search for each new convolution shape may try workspaces of up to a quarter of
+the card (Jittor's default), and Jittor's allocator keeps the largest: the ninth GPU run saw a training process
+hold 30 GiB of an 80 GiB card. ``JDIFF_CUDNN_WORKSPACE_GIB`` caps that search (algorithms needing more are not
+tried), for a card that runs out of memory; unset, Jittor's default stands. Its effect on speed and memory has
+not been measured on a GPU yet (docs/benchmarks.md).
 
 Jittor's import also changes the process in two ways we undo (``import_quietly``): it installs C signal
 handlers for SIGINT (exit at once, skipping Python's clean-up: no KeyboardInterrupt, temporary files left
@@ -196,10 +203,33 @@ def use_device(jt, device: str) -> None:
                 f"GPU driver present: {gpu_driver_present()}); use engine.device=cpu or auto."
             )
         jt.flags.use_cuda = 1
+        limit_cudnn_workspace(jt)
     elif device == "cpu":
         jt.flags.use_cuda = 0
     else:
         jt.flags.use_cuda = 1 if jt.has_cuda else 0
+        if jt.has_cuda:
+            limit_cudnn_workspace(jt)
+
+
+def limit_cudnn_workspace(jt) -> float | None:
+    """Cap cuDNN's algorithm-search workspace at ``$JDIFF_CUDNN_WORKSPACE_GIB``, given to Jittor as its fraction of
+    the card and never above Jittor's own quarter. Returns the cap in GiB, or None: none asked for, or no cuDNN."""
+    raw = os.environ.get("JDIFF_CUDNN_WORKSPACE_GIB")
+    if raw is None:
+        return None
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise EngineError(f"JDIFF_CUDNN_WORKSPACE_GIB={raw!r}: give cuDNN's workspace cap in GiB, a number above 0 "
+                          "(e.g. 2), or unset it for Jittor's default (a quarter of the card).")
+    total = jt.get_mem_info().total_cuda_ram
+    if getattr(jt, "cudnn", None) is None or total <= 0:
+        return None
+    jt.cudnn.set_max_workspace_ratio(min(0.25, gib * 2**30 / total))
+    return min(gib, 0.25 * total / 2**30)
 
 
 def jittor_device(jt) -> str:

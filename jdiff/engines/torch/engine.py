@@ -21,7 +21,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, triton_interpreting
+from jdiff.engines.base import (Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory,
+                               triton_interpreting)
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
@@ -63,10 +64,7 @@ def out_of_memory_hint(what: str):
         yield
     except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
-        raise EngineError(
-            f"out of GPU memory while {what}. Try engine.mixed_precision=bf16, a smaller train.batch_size or "
-            f"infer.batch_size, or a free GPU ({err})"
-        ) from err
+        raise out_of_memory(what, "engine.mixed_precision=bf16", str(err)) from err
     except CaptureError as err:
         raise EngineError(
             f"engine.compile=cuda-graphs could not record a CUDA graph while {what} ({err}). Run with "
