@@ -61,7 +61,8 @@ def out_of_memory_hint(what: str, tries: str):
         sign = next((s for s in OUT_OF_MEMORY_SIGNS if s in text), None)
         if sign is None or isinstance(err, EngineError):
             raise
-        jt.gc()
+        with contextlib.suppress(Exception):  # give back what Jittor can; the advice matters more
+            jt.gc()
         cause = next(line for line in text.splitlines() if sign in line).strip()
         raise out_of_memory(what, tries, cause) from err
 
