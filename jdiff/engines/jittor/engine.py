@@ -59,7 +59,7 @@ def out_of_memory_hint(what: str, tries: str):
     except RuntimeError as err:
         text = str(err)
         sign = next((s for s in OUT_OF_MEMORY_SIGNS if s in text), None)
-        if sign is None or isinstance(err, EngineError):
+        if isinstance(err, EngineError) or sign is None:
             raise
         with contextlib.suppress(Exception):  # give back what Jittor can; the advice matters more
             jt.gc()

@@ -203,13 +203,12 @@ def use_device(jt, device: str) -> None:
                 f"GPU driver present: {gpu_driver_present()}); use engine.device=cpu or auto."
             )
         jt.flags.use_cuda = 1
-        limit_cudnn_workspace(jt)
     elif device == "cpu":
         jt.flags.use_cuda = 0
     else:
         jt.flags.use_cuda = 1 if jt.has_cuda else 0
-        if jt.has_cuda:
-            limit_cudnn_workspace(jt)
+    if jt.flags.use_cuda:
+        limit_cudnn_workspace(jt)
 
 
 def limit_cudnn_workspace(jt) -> float | None:
