@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,20 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+
+class RunGuard(Callback):
+    """Before a single run writes anything (Hydra's record included), refuse a config that cannot work or a run
+    folder the run may not use (a finished run, somebody else's folder): one line on stderr, exit code 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from jdiff.pipeline import USER_ERRORS, check_before_run
+
+        try:
+            check_before_run(config)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 class SweepReport(Callback):

@@ -168,6 +168,9 @@ class JdiffConfig:
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     # Repeatable GPU results where the framework allows it, at some cost in speed.
     deterministic: bool = False
+    # Replace a finished run in the run directory (hydra.run.dir=D, or a sweep's run folders) instead of refusing
+    # (a single run) or skipping it (a sweep). Nothing else ever deletes or overwrites a finished run.
+    overwrite: bool = False
     # Sweeps (-m): the GPUs to fill, one job per GPU at a time (null: every GPU this machine shows,
     # [] for none), and how many jobs run at once (null: one per GPU, or 1 without GPUs).
     gpus: Optional[List[str]] = None

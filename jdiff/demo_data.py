@@ -16,6 +16,8 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image, ImageDraw
 
+from jdiff.data import StyleDataError
+
 DEMO_STYLES = {
     # style id: (palette, motif, reference objects, objects to generate)
     "00": (
@@ -50,16 +52,44 @@ def draw_image(palette: list[tuple[int, int, int]], motif: str, seed: int) -> Im
     return im
 
 
-def write_demo_styles(root: Path) -> Path:
-    """Draw the demo style set into ``root`` (replacing nothing that already exists)."""
+MARKER = ".complete"
+MARKER_TEXT = "demo style set\n"
+
+
+class DemoDataError(StyleDataError):
+    """The demo set cannot go where data.root points; the message names the folder and what to change."""
+
+
+def is_demo_set(root: Path) -> bool:
+    try:
+        return (Path(root) / MARKER).read_text(encoding="utf-8") == MARKER_TEXT
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_demo_styles(root: Path, cache: Path | None = None) -> Path:
+    """Draw the demo style set into ``root``, which must be new or empty: nothing that is there is replaced.
+
+    With ``cache`` (the run's paths.cache), a missing ``root`` is made only inside it: elsewhere the folder
+    must exist (empty), so that a mistyped path never creates folders in odd places."""
     root = Path(root)
-    if (root / ".complete").exists():
+    if is_demo_set(root):
         return root
+    refuse = ("the demo builder (data.builder=demo, set by experiment=demo) draws its own styles there. To use the "
+              "styles in a folder, set data.builder=null; otherwise point data.root at a new or empty folder")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        shown = ", ".join(sorted(p.name for p in root.iterdir())[:5]) if root.is_dir() else "a file"
+        raise DemoDataError(f"data.root={root} holds files jdiff did not write ({shown}); {refuse}.")
+    if cache is not None and not root.exists() and not inside(root, Path(cache)):
+        raise DemoDataError(f"data.root={root} does not exist; {refuse} (the builder makes missing folders only "
+                            f"inside paths.cache={cache}; elsewhere create the empty folder first).")
     root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if (root / ".complete").exists():
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if is_demo_set(root):
             return root
-        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+        for stale in root.parent.glob(f".{root.name}.building-*"):  # left by a process killed while drawing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
             for style_index, (style_id, (palette, motif, refs, prompts)) in enumerate(DEMO_STYLES.items()):
                 images = tmp / style_id / "images"
@@ -68,14 +98,18 @@ def write_demo_styles(root: Path) -> Path:
                     draw_image(palette, motif, seed=100 * style_index + k).save(images / f"{obj}.png")
                 prompt = {str(i): name for i, name in enumerate(prompts)}
                 (tmp / style_id / "prompt.json").write_text(json.dumps(prompt, indent=2))
-            (tmp / ".complete").write_text("demo style set\n")
+            (tmp / MARKER).write_text(MARKER_TEXT)
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it owner-only; the cache is shared
-            if root.exists():  # an incomplete set from an interrupted run
-                shutil.rmtree(root)
-            os.replace(tmp, root)
+            os.replace(tmp, root)  # onto a missing or empty folder only (checked above, under the lock)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
     return root
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both made absolute; links not followed)."""
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents

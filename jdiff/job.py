@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from jdiff.config import JdiffConfig
 from jdiff.files import write_json
-from jdiff.pipeline import FAILED, USER_ERRORS, run
+from jdiff.pipeline import USER_ERRORS, run
+from jdiff.rundir import FAILED
 from jdiff.sweep import CONFIG_FILE, INTERRUPTED
 
 log = logging.getLogger("jdiff")
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jdiff.job", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a sweep run directory holding config.yaml")
     parser.add_argument("--label", default="job", help="a short name for the console, e.g. the job number")
+    parser.add_argument("--prepared", action="store_true",
+                        help="the sweep job checked and prepared the folder (by hand: leave it out, so that a "
+                             "finished run is refused unless its config says overwrite: true)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir
     configure_logging(run_dir / "run.log", args.label)
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run process %d on %s, CUDA_VISIBLE_DEVICES=%r", os.getpid(), socket.gethostname(),
              os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        run(load_config(run_dir), run_dir)
+        run(load_config(run_dir), run_dir, prepared=args.prepared)
     except KeyboardInterrupt:
         log.warning("interrupted: %s is unfinished", run_dir)
         return INTERRUPTED
@@ -52,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", err)
         else:
             log.exception("the run failed")
-        write_json(run_dir / FAILED, {"error": str(err), "type": type(err).__name__})
+        try:
+            write_json(run_dir / FAILED, {"error": str(err), "type": type(err).__name__})
+        except OSError as write_error:  # a full or read-only disk: the sweep job records the exit code instead
+            log.error("could not write %s: %s", run_dir / FAILED, write_error)
         return 1
     return 0
 

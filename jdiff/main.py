@@ -34,12 +34,31 @@ def main(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return run_sweep_job(cfg, run_dir, label=f"#{hydra_cfg.job.num}")
+        try:
+            return run_sweep_job(cfg, run_dir, label=f"#{hydra_cfg.job.num}")
+        except KeyboardInterrupt:
+            stop(f"interrupted: the sweep stopped; {run_dir} and the runs not started yet are unfinished. Launch the "
+                 f"same command with sweep.name={cfg.sweep.name} to resume (finished runs are kept).", 130)
     try:
         return run(cfg, run_dir)
     except USER_ERRORS as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+        stop(f"error: {err}", 2)
+    except OSError as err:  # the disk, not jdiff: a read-only or full run folder, a vanished file
+        stop(f"error: {err}. Free some space or make the folder writable, then run the same command with "
+             f"hydra.run.dir={run_dir} to resume (the run is unfinished).", 1)
+    except KeyboardInterrupt:
+        stop(f"interrupted: {run_dir} is unfinished; run the same command with hydra.run.dir={run_dir} to resume.",
+             130)
+
+
+def stop(message: str, code: int) -> None:
+    """End the run with one line on stderr (the run's log gets it too), and ``code``."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logging.makeLogRecord({"name": "jdiff", "levelno": logging.ERROR, "levelname": "ERROR",
+                                                  "msg": message}))
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,24 @@ class ModelNotFoundError(FileNotFoundError):
     """The weights are not where the config says; the message says how to get them."""
 
 
-def resolve_model_dir(model: DictConfig) -> Path:
-    """The local folder holding ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``."""
+def resolve_model_dir(model: DictConfig, cache: Path | None = None) -> Path:
+    """The local folder holding ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``.
+
+    A built model (``model.builder``) goes into a folder under ``model.path``; with ``cache`` (the run's
+    paths.cache) a missing ``model.path`` is made only inside it, so that a path meant for real weights never
+    makes folders elsewhere."""
     if model.builder is not None:  # "tiny" or "sd21_random": built locally, random weights
+        from jdiff.demo_data import inside
         from jdiff.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model(Path(model.path), seed=model.builder_seed, architecture=model.builder)
+        path = Path(os.path.expanduser(model.path))
+        if cache is not None and not path.is_dir() and not inside(path, Path(cache)):
+            raise ModelNotFoundError(
+                f"model.path={model.path} does not exist. model={model.name} builds its random-weight model into a "
+                f"folder under model.path, and makes a missing one only inside paths.cache={cache}. For your own "
+                f"weights pick a model that loads them (model=sd21 model.path={model.path}); to build here, create "
+                f"the folder first.")
+        return ensure_tiny_model(path, seed=model.builder_seed, architecture=model.builder)
     path = Path(os.path.expanduser(model.path))
     if path.is_dir():
         return check_model_dir(path)

@@ -15,14 +15,16 @@ The run directory ends up holding everything needed to understand and reproduce 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from jdiff import rundir
 from jdiff.contact_sheet import contact_sheet
 from jdiff.data import StyleDataError, image_file_name, load_rgb, load_style
 from jdiff.demo_data import write_demo_styles
@@ -34,16 +36,14 @@ from jdiff.prior import ClassImage, ClassImageSettings, class_cache_dir, class_i
 from jdiff.schedule import NoiseSchedule
 from jdiff.scoring import final_score
 from jdiff.scoring.scorer import Scorer, StyleImages
-from jdiff.train import train_lora
+from jdiff.train import TrainingDiverged, train_lora
 from jdiff.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
-FAILED = "FAILED"
-LORA_FILE = "lora.safetensors"
-# Errors in what the user asked for (config, data, weights, engine): reported by their message alone.
-USER_ERRORS = (ConfigError, StyleDataError, ModelNotFoundError, EngineError)
+COMPLETE, FAILED, LORA_FILE = rundir.COMPLETE, rundir.FAILED, rundir.LORA
+# Errors in what the user asked for (config, data, weights, engine, run folder): reported by their message alone.
+USER_ERRORS = (ConfigError, StyleDataError, ModelNotFoundError, EngineError, rundir.RunDirError, TrainingDiverged)
 
 
 def resolve_paths(cfg: DictConfig) -> DictConfig:
@@ -72,9 +72,9 @@ class Run:
         self.cfg = cfg
         self.dir = Path(run_dir)
         if cfg.data.builder == "demo":
-            write_demo_styles(Path(cfg.data.root))
+            write_demo_styles(Path(cfg.data.root), Path(cfg.paths.cache))
         self.style = load_style(Path(cfg.data.root), str(cfg.style))
-        self.model_dir = resolve_model_dir(cfg.model)
+        self.model_dir = resolve_model_dir(cfg.model, Path(cfg.paths.cache))
         self.schedule = NoiseSchedule.from_model(self.model_dir, cfg.model.prediction_type)
         self._engine: Optional[Engine] = None
         self.class_items: list[ClassImage] = []
@@ -136,6 +136,11 @@ class Run:
         generated = self.generated_images()
         style = StyleImages(self.style.style_id, generated, self.style.images())
         scored = Scorer(self.cfg.score, Path(self.cfg.paths.cache)).score([style])
+        broken = {m: v for m, v in scored.metrics.items() if not rundir.finite_number(v)}
+        if broken:
+            raise EngineError(f"scoring gave no number for {', '.join(f'{m} ({v})' for m, v in broken.items())}; "
+                              f"look at the images in {self.dir / rundir.IMAGES} (blank or broken images cannot be "
+                              f"scored). The run is not complete.")
         final = final_score(scored.metrics)
         result = {"style": self.style.style_id, "images": len(generated), "metrics": scored.metrics,
                   "final": final.to_dict(), "skipped": scored.skipped, "seconds": round(scored.seconds, 3)}
@@ -153,14 +158,37 @@ class Run:
         save_png(self.dir / "contact_sheet.png", sheet)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> Optional[float]:
-    """Run the configured stages into ``run_dir``; returns the final score when the score stage ran."""
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain data, every interpolation resolved: what ``config.yaml`` records."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def check_before_run(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
+    """Everything about a run that can be refused before anything is written: the config, and whether the run
+    folder may take it (:func:`jdiff.rundir.check`). ``cfg`` may be Hydra's whole config; without ``run_dir``
+    the folder is its ``hydra.run.dir``, resolved (and so made) only once the config is known to be good."""
+    task = copy.deepcopy(cfg)
+    if "hydra" in task:
+        with open_dict(task):
+            del task["hydra"]
+    resolve_paths(task)
+    validate_config(task)
+    run_dir = Path(run_dir) if run_dir is not None else Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
+    rundir.check(run_dir, resolved(task), task.overwrite)
+
+
+def run(cfg: DictConfig, run_dir: Path, prepared: bool = False) -> Optional[float]:
+    """Run the configured stages into ``run_dir``; returns the final score when the score stage ran.
+
+    The folder is checked first (:func:`jdiff.rundir.prepare`: never a finished run unless ``overwrite``, never
+    a folder of somebody else's); ``prepared``: the caller (a sweep job) did that already."""
     started = time.perf_counter()
     resolve_paths(cfg)
     validate_config(cfg)
     run_dir = Path(run_dir)
+    if not prepared:
+        rundir.prepare(run_dir, resolved(cfg), cfg.overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / COMPLETE).unlink(missing_ok=True)
     run = Run(cfg, run_dir)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     stages = list(cfg.stages)

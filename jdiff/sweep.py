@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -35,25 +34,28 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 import jdiff
+from jdiff import rundir
 from jdiff.files import write_json, write_text
-from jdiff.pipeline import COMPLETE, FAILED, resolve_paths
+from jdiff.pipeline import resolve_paths, resolved
+from jdiff.rundir import FAILED
 from jdiff.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-JOB_FILE = "job.json"
+CONFIG_FILE = rundir.CONFIG
+JOB_FILE = rundir.JOB
 INTERRUPTED = 130  # the child's exit code after Ctrl-C or SIGTERM: the run is unfinished, not failed
 POLL_SECONDS = 1.0  # how often a job waiting for a GPU looks again
 STOP_SECONDS = 10.0  # how long a stopped job's child gets to clean up before it is killed
-# Keys that say where and how many runs go at once, not what a run computes.
-PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep")
 
 
 def register_resolvers() -> None:
     """The resolvers conf/config.yaml uses for the launcher's job count and the run directory names."""
     OmegaConf.register_new_resolver("jdiff.n_jobs", parallel_jobs, replace=True)
     OmegaConf.register_new_resolver("jdiff.run_dir_name", run_dir_name, replace=True)
+    OmegaConf.register_new_resolver("jdiff.new_run_dir", rundir.new_run_dir, replace=True)
+    OmegaConf.register_new_resolver("jdiff.record_dir", rundir.record_dir, replace=True)
+    OmegaConf.register_new_resolver("jdiff.log_file", rundir.log_file, replace=True)
 
 
 def detect_gpus() -> list[str]:
@@ -134,26 +136,36 @@ def hold_gpu(lock_dir: Path, gpus: list[str]) -> Iterator[Optional[str]]:
 
 
 def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
-    """Run one sweep run in ``run_dir``; returns its final score, or None when it failed or did not run."""
+    """Run one sweep run in ``run_dir``; returns its final score, or None when it failed or did not run.
+
+    A finished run is skipped (``overwrite=true`` runs it again); an unfinished, failed or broken one (a COMPLETE
+    that cannot be read) runs again from the start; a folder holding files jdiff did not write is left alone."""
     run_dir = Path(run_dir)
     resolve_paths(cfg)
-    run_lock = FileLock(str(run_dir / ".lock"))
+    state = rundir.inspect(run_dir)
+    if state.foreign:  # not even a lock file goes there
+        log.error("[%s] not run: %s; jdiff writes only into its own run folders", label, state.foreign_problem)
+        return None
+    run_lock = FileLock(str(run_dir / rundir.LOCK))
     try:
         run_lock.acquire(timeout=0)
     except Timeout:
         log.warning("[%s] %s is being run by another process; skipped here", label, run_dir)
         return None
     try:
-        finished = read_json(run_dir / COMPLETE)
-        if finished is not None:
-            changed = changed_keys(cfg, run_dir)
+        state = rundir.inspect(run_dir)
+        if state.status == "complete" and not cfg.overwrite:
+            old, _ = rundir.read_config(run_dir)
+            changed = rundir.changed_keys(old, resolved(cfg)) if old is not None else []
             if changed:
-                log.warning("[%s] %s finished with other values of %s; kept as it is (use a new sweep.name to "
-                            "run it again)", label, run_dir, ", ".join(changed))
+                log.warning("[%s] %s finished with other values of %s; kept as it is (overwrite=true runs it "
+                            "again, or use a new sweep.name)", label, run_dir, ", ".join(changed))
             log.info("[%s] skipped, finished earlier: %s", label, run_dir)
-            return finished.get("final_score")
-        (run_dir / FAILED).unlink(missing_ok=True)
+            return state.final_score
+        if state.status == "broken":
+            log.warning("[%s] %s: %s; running it again", label, run_dir, state.problem)
         try:
+            rundir.prepare(run_dir, None, cfg.overwrite)
             return run_in_child(cfg, run_dir, label)
         except Exception as err:  # whatever goes wrong stays in this run: the sweep and its report go on
             record_failure(run_dir, label, type(err).__name__, str(err))
@@ -172,16 +184,16 @@ def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
     with hold_gpu(Path(cfg.paths.cache) / "locks", gpus) as gpu:
         code = run_child(run_dir, gpu, label)
     if code == 0:
-        return read_json(run_dir / COMPLETE).get("final_score")
+        return rundir.inspect(run_dir).final_score
     if code == INTERRUPTED:
         log.warning("[%s] interrupted; %s is unfinished and runs again when the sweep is launched again",
                     label, run_dir)
         return None
-    failure = read_json(run_dir / FAILED)
+    failure, _ = rundir.read_json(run_dir / FAILED)
     if failure is None:  # the child died before it could say why (killed, out of memory, segfault)
         record_failure(run_dir, label, "ProcessExit", f"the run's process exited with code {code}")
         return None
-    log.error("[%s] FAILED (%s: %s); see %s", label, failure["type"], failure["error"], run_dir / "run.log")
+    log.error("[%s] FAILED (%s: %s); see %s", label, failure.get("type"), failure.get("error"), run_dir / rundir.LOG)
     return None
 
 
@@ -200,7 +212,7 @@ def run_child(run_dir: Path, gpu: Optional[str], label: str) -> int:
     env = job_environment(gpu)
     host = socket.gethostname()
     started = time.time()
-    child = subprocess.Popen([sys.executable, "-m", "jdiff.job", str(run_dir), "--label", label], env=env)
+    child = subprocess.Popen([sys.executable, "-m", "jdiff.job", str(run_dir), "--label", label, "--prepared"], env=env)
     job = {"host": host, "gpu": gpu, "pid": child.pid, "started": started}
     write_json(run_dir / JOB_FILE, job)
     log.info("[%s] started on %s, %s (pid %d): %s", label, host, f"GPU {gpu}" if gpu else "CPU", child.pid, run_dir)
@@ -231,31 +243,3 @@ def stop(child: subprocess.Popen) -> None:
 def record_failure(run_dir: Path, label: str, kind: str, error: str) -> None:
     write_json(run_dir / FAILED, {"error": error, "type": kind})
     log.error("[%s] FAILED (%s: %s): %s", label, kind, error, run_dir)
-
-
-def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-
-
-def changed_keys(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """Keys whose value differs between ``cfg`` and the config a finished run in ``run_dir`` recorded."""
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        return []
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(path)))
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return sorted(k for k in old.keys() | new.keys()
-                  if old.get(k) != new.get(k) and k.split(".")[0] not in PLACEMENT_KEYS)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

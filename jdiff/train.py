@@ -27,6 +27,12 @@ from jdiff.noise import TRAIN, gaussian, stream
 from jdiff.schedule import NoiseSchedule, learning_rate
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a number: the run stops there, and the message says what to try."""
+
+
 LOSS_COLUMNS = ("step", "lr", "loss", "style_loss", "prior_loss", "seconds")
 
 
@@ -90,6 +96,13 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
                      "style_loss": float(per_sample[:n].mean()),
                      "prior_loss": float(per_sample[n:].mean()) if len(per_sample) > n else 0.0,
                      "seconds": round(time.perf_counter() - started, 3)})
+        if not np.isfinite(rows[-1]["loss"]):
+            t = cfg.train
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1} of {t.steps}: the loss is {rows[-1]['loss']} (train.lr={t.lr}, "
+                f"train.max_grad_norm={t.max_grad_norm}, engine.mixed_precision={cfg.engine.mixed_precision}). Try a "
+                f"smaller train.lr (the reference uses 1e-4), gradient clipping (train.max_grad_norm=1.0), or full "
+                f"precision (engine.mixed_precision=no); the losses so far are in {loss_log.name}.")
         bar.update(1)
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
         if (step + 1) % 50 == 0 or step + 1 == cfg.train.steps:

@@ -6,9 +6,10 @@ rules between keys. Every message names the key, the value, and what would work.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from jdiff.config import STAGES
 from jdiff.engines.base import triton_interpreting
@@ -40,8 +41,33 @@ def _one_of(key: str, value, allowed) -> None:
     _check(value in allowed, key, value, f"use one of {', '.join(map(str, allowed))}")
 
 
+MAX_RANK = 1024  # SD's attention layers are 320 to 1280 wide; the reference method's best rank is 32
+MAX_SEED = 2**32 - 1
+
+
+def _check_present(cfg: DictConfig, schema, prefix: str = "") -> None:
+    """Every key of the schema is there and set: ``~seed`` deletes one, ``style`` starts unset."""
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        if OmegaConf.is_missing(cfg, f.name):
+            if key == "style":
+                raise ConfigError("style is not set: name a style folder under data.root, e.g. style=03 (or "
+                                  "experiment=demo for the built-in demo styles).")
+            raise ConfigError(f"{key} is not set: give it a value, e.g. {key}=<value>.")
+        if f.name not in cfg:
+            raise ConfigError(f"{key} was removed from the config (~{key}?); jdiff needs it: drop ~{key}, or set "
+                              f"{key}=<value>.")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(cfg[f.name], DictConfig):
+            _check_present(cfg[f.name], type(default), key + ".")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` on the first value that cannot work."""
+    from jdiff.config import JdiffConfig
+
+    _check_present(cfg, JdiffConfig)
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"a seed in [0, {MAX_SEED}]")
     stages = list(cfg.stages)
     for stage in stages:
         _one_of("stages", stage, STAGES)
@@ -52,8 +78,10 @@ def validate_config(cfg: DictConfig) -> None:
         _check("generate" in stages, "stages", stages, "the score stage scores this run's images: add generate")
 
     lora = cfg.lora
-    _check(lora.unet_rank >= 1, "lora.unet_rank", lora.unet_rank, "the UNet LoRA rank must be >= 1 (e.g. 4 or 32)")
-    _check(lora.text_encoder_rank >= 0, "lora.text_encoder_rank", lora.text_encoder_rank, "use 0 (off) or a rank >= 1")
+    _check(1 <= lora.unet_rank <= MAX_RANK, "lora.unet_rank", lora.unet_rank,
+           f"the UNet LoRA rank must be in [1, {MAX_RANK}] (e.g. 4 or 32)")
+    _check(0 <= lora.text_encoder_rank <= MAX_RANK, "lora.text_encoder_rank", lora.text_encoder_rank,
+           f"use 0 (off) or a rank in [1, {MAX_RANK}]")
     for key in ("unet_alpha", "text_encoder_alpha"):
         value = lora[key]
         _check(value is None or value > 0, f"lora.{key}", value, "alpha must be > 0, or null for alpha = rank")
@@ -66,6 +94,9 @@ def validate_config(cfg: DictConfig) -> None:
             lora.path,
             "without the train stage, generate needs a trained adapter: set lora.path=<run dir or .safetensors>",
         )
+    _check(lora.path is None or "train" not in stages, "lora.path", lora.path,
+           "the train stage trains a new adapter and would ignore it: to use this adapter drop train "
+           "(stages=[generate,score]), or to train a new one unset it (lora.path=null)")
     if lora.path is not None and "train" not in stages:
         path = Path(lora.path)
         if path.is_dir():
@@ -73,6 +104,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(path.is_file(), "lora.path", lora.path, f"{path} does not exist; point it at a jdiff run or adapter file")
 
     prior = cfg.prior
+    _check(stages != ["prior"] or prior.enabled, "stages", stages,
+           "the prior stage alone does nothing with prior preservation off: add prior=on, or other stages")
     _check(prior.weight >= 0, "prior.weight", prior.weight, "the class-loss weight must be >= 0")
     _check(prior.images_per_object >= 1, "prior.images_per_object", prior.images_per_object, "must be >= 1")
     _check("{object}" in prior.template, "prior.template", prior.template, "it must contain {object}")

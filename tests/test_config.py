@@ -198,7 +198,7 @@ def with_values(base, **values):
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("lora.unet_rank=-1", ("lora.unet_rank=-1", ">= 1")),
+        ("lora.unet_rank=-1", ("lora.unet_rank=-1", "[1, 1024]")),
         ("init.strength=1.5", ("init.strength=1.5", "(0, 1]")),
         ("infer.origin_scale=2", ("infer.origin_scale=2.0", "[0, 1]")),
         ("engine.device=gpu7", ("engine.device='gpu7'", "cuda:N")),

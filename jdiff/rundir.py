@@ -1,0 +1,315 @@
+"""The run-directory contract: the files a run writes, its markers, and reading them whatever state they are in.
+
+A run directory holds (see the README's "Where results go"):
+
+    config.yaml, lora.safetensors, loss.csv, images/, scores.json, contact_sheet.png   the run's outputs
+    COMPLETE   written last: {"final_score", "seconds", "stages", "stage_seconds"}; the run finished
+    FAILED     instead, when it failed: {"error", "type"}
+    job.json   in a sweep: where and when the run's process ran
+    run.log, .hydra/, .lock                                                           the run's record
+
+Every reader here returns what it found and, when a file is there but cannot be used, what is wrong with it,
+never an exception: one damaged run must not stop a sweep or its report. Whether jdiff may write into a
+folder is decided in one place, :func:`prepare`: a finished run is never touched unless the user asked for it
+(``overwrite=true``), and a folder holding files jdiff did not write is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+CONFIG = "config.yaml"
+LORA = "lora.safetensors"
+LOSS = "loss.csv"
+IMAGES = "images"
+SCORES = "scores.json"
+SHEET = "contact_sheet.png"
+LOG = "run.log"
+COMPLETE = "COMPLETE"
+FAILED = "FAILED"
+JOB = "job.json"
+HYDRA = ".hydra"
+LOCK = ".lock"
+# What a run writes (and what overwrite=true removes), and everything else that may be in a run directory.
+OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB)
+RECORD = (LOG, HYDRA, LOCK)
+# Keys that say where and how a run is placed, not what it computes: a run may resume with other values.
+PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep", "overwrite")
+# jdiff.files.atomic_write's temporary files: ".<name>.<random>.tmp<suffix>".
+TEMPORARY = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+class RunDirError(RuntimeError):
+    """jdiff may not write into this folder; the message says why and what to do."""
+
+
+def read_json(path: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(the JSON object in ``path``, None), (None, None) when there is no file, or (None, what is wrong)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{path.name} cannot be read ({err})"
+    if not text.strip():
+        return None, f"{path.name} is empty"
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        return None, f"{path.name} is not valid JSON ({err})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} holds a {type(data).__name__}, not a JSON object"
+    return data, None
+
+
+def finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class RunState:
+    """What a folder holds, as a run directory.
+
+    status: ``new`` (missing, empty, or only Hydra's record of a run that has not written anything yet),
+    ``complete``, ``failed``, ``unfinished`` (outputs but no marker: running, killed or interrupted), or
+    ``broken`` (a marker, or the folder, that cannot be read). ``foreign``: names in it that jdiff does not
+    write (a folder of somebody else's, or notes a user put in a run folder): jdiff writes into neither.
+    """
+
+    path: Path
+    status: str
+    complete: Optional[dict] = None
+    failure: Optional[dict] = None
+    problem: str = ""
+    foreign: list[str] = field(default_factory=list)
+
+    @property
+    def final_score(self) -> Optional[float]:
+        value = (self.complete or {}).get("final_score")
+        return value if finite_number(value) else None
+
+    @property
+    def foreign_problem(self) -> str:
+        shown = ", ".join(self.foreign[:5]) + (f" and {len(self.foreign) - 5} more" if len(self.foreign) > 5 else "")
+        return f"{self.path} holds files jdiff did not write: {shown}"
+
+
+def is_temporary(name: str) -> bool:
+    return bool(TEMPORARY.match(name))
+
+
+def inspect(run_dir: Path) -> RunState:
+    run_dir = Path(run_dir)
+    try:
+        if not run_dir.exists():
+            return RunState(run_dir, "new")
+        if not run_dir.is_dir():
+            return RunState(run_dir, "broken", problem=f"{run_dir} is a file, not a folder", foreign=[run_dir.name])
+        names = sorted(p.name for p in run_dir.iterdir())
+    except OSError as err:
+        fix = f": give read permission (chmod -R u+rX {run_dir})" if isinstance(err, PermissionError) else ""
+        return RunState(run_dir, "broken", problem=f"the run folder cannot be read ({err.strerror or err}){fix}")
+    foreign = [n for n in names if n not in OUTPUTS + RECORD and not is_temporary(n)]
+    if COMPLETE in names:
+        complete, problem = read_json(run_dir / COMPLETE)
+        if complete is None:
+            return RunState(run_dir, "broken", problem=problem or "COMPLETE cannot be read", foreign=foreign)
+        return RunState(run_dir, "complete", complete=complete, foreign=foreign)
+    if FAILED in names:
+        if (run_dir / FAILED).is_dir():
+            return RunState(run_dir, "broken", problem="FAILED is a folder, not jdiff's marker file", foreign=foreign)
+        failure, problem = read_json(run_dir / FAILED)
+        if failure is None:  # a plain-text marker still says the run failed
+            try:
+                text = (run_dir / FAILED).read_text(encoding="utf-8", errors="replace").strip()
+            except OSError as err:
+                text = f"FAILED cannot be read ({err.strerror or err})"
+            failure = {"error": text or (problem or "FAILED is empty"), "type": "unknown"}
+        return RunState(run_dir, "failed", failure=failure, foreign=foreign)
+    if any(n in OUTPUTS for n in names):
+        return RunState(run_dir, "unfinished", foreign=foreign)
+    return RunState(run_dir, "new", foreign=foreign)
+
+
+def may_record(run_dir: Path, overwrite: bool) -> bool:
+    """Whether Hydra may write its record (``.hydra/``, ``run.log``) into ``run_dir`` for a new run: not into a
+    finished run unless it is to be overwritten, and never into a folder of somebody else's."""
+    state = inspect(run_dir)
+    return not state.foreign and (state.status != "complete" or bool(overwrite))
+
+
+def read_config(run_dir: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(the run's resolved config as a plain dict, None), (None, None) when absent, or (None, what is wrong)."""
+    path = Path(run_dir) / CONFIG
+    try:
+        from omegaconf import OmegaConf
+
+        if not path.is_file():
+            return None, None
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # YAML errors, OmegaConf's own, a bad interpolation: all mean "unusable"
+        return None, f"{CONFIG} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if not isinstance(data, dict):
+        return None, f"{CONFIG} holds a {type(data).__name__}, not a config"
+    return data, None
+
+
+def read_overrides(run_dir: Path) -> tuple[dict[str, str], Optional[str]]:
+    """The overrides Hydra recorded for the run (``.hydra/overrides.yaml``) as key -> value, and any problem."""
+    path = Path(run_dir) / HYDRA / "overrides.yaml"
+    try:
+        from omegaconf import OmegaConf
+
+        if not path.is_file():
+            return {}, None
+        items = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:
+        return {}, f".hydra/overrides.yaml cannot be read ({type(err).__name__})"
+    if items is None:
+        return {}, None
+    if not isinstance(items, list):
+        return {}, ".hydra/overrides.yaml is not a list of overrides"
+    result = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        result[key.lstrip("+~")] = value
+    return result, None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys of two resolved configs whose values differ, leaving out where and how the run is placed."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in PLACEMENT_KEYS)
+
+
+def remove_temporary(run_dir: Path) -> None:
+    """Delete atomic_write's leftovers (a process killed while writing) in the run folder and its images."""
+    for folder in (Path(run_dir), Path(run_dir) / IMAGES):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.is_file() and is_temporary(p.name):
+                    p.unlink(missing_ok=True)
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """Remove what an earlier attempt at this run wrote here (its log and Hydra's record stay)."""
+    run_dir = Path(run_dir)
+    for name in OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    remove_temporary(run_dir)
+
+
+WHERE = "choose another folder (hydra.run.dir=... for a single run, sweep.name=... for a sweep)"
+
+
+def check(run_dir: Path, config: Optional[dict], overwrite: bool) -> RunState:
+    """What ``run_dir`` holds, when a run of ``config`` (resolved, plain; None: not compared) may go there;
+    otherwise :class:`RunDirError`. A new folder may; a finished run only with ``overwrite``; an unfinished,
+    failed or broken run when it recorded the same config (it is resumed: the stages write everything again),
+    otherwise only with ``overwrite``; a folder holding files jdiff did not write, never."""
+    state = inspect(run_dir)
+    if state.foreign:
+        raise RunDirError(f"{state.foreign_problem}; jdiff writes runs only into new folders or its own run folders: "
+                          f"{WHERE}.")
+    if state.status == "broken" and not (Path(run_dir) / COMPLETE).exists():  # the folder itself cannot be read
+        raise RunDirError(f"{run_dir}: {state.problem}; {WHERE}.")
+    writable(Path(run_dir))
+    if state.status == "new" or overwrite:
+        return state
+    if state.status == "complete":
+        score = state.final_score
+        raise RunDirError(f"{run_dir} holds a finished run{f' (final score {round(score, 4) + 0.0:.4f})' if score is not None else ''}; "
+                          f"jdiff never overwrites one. Pass overwrite=true to replace it, or {WHERE}.")
+    old, _ = read_config(run_dir)
+    changed = changed_keys(old, config) if old is not None and config is not None else []
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise RunDirError(f"{run_dir} holds an unfinished run with other settings ({shown}); resume it with its own "
+                          f"settings, pass overwrite=true to replace it, or {WHERE}.")
+    return state
+
+
+def writable(run_dir: Path) -> None:
+    """Make ``run_dir`` if needed and write a scrap file there, so a read-only or missing place fails now, with
+    a message, rather than halfway through the run."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise RunDirError(f"cannot write into {run_dir} ({err.strerror or err}); {WHERE}.") from err
+
+
+def prepare(run_dir: Path, config: Optional[dict], overwrite: bool) -> RunState:
+    """:func:`check`, then clear what an earlier attempt left (with ``overwrite``, its log too)."""
+    state = check(run_dir, config, overwrite)
+    if state.status != "new":
+        clear_outputs(run_dir)
+        log = Path(run_dir) / LOG
+        if overwrite and log.is_file():
+            # truncated, not deleted: this run's own log handler may have it open for appending already
+            with open(log, "r+", encoding="utf-8") as f:
+                f.truncate(0)
+    return state
+
+
+# -- where Hydra puts a run and its record (resolvers of conf/config.yaml) ------------------------------------
+
+_claimed: dict[tuple[str, str], str] = {}
+
+
+def new_run_dir(base: str, style) -> str:
+    """A single run's folder, ``<base>/<date>/<time>_style<NN>``, made now so that no other run can take it: a
+    run started in the same second gets ``_2``, ``_3``... The same answer for the rest of this process."""
+    from datetime import datetime
+
+    key = (str(base), str(style))
+    if key not in _claimed:
+        stem = Path(base) / datetime.now().strftime("%Y-%m-%d") / f"{datetime.now():%H-%M-%S}_style{style}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            path = stem if n == 1 else stem.with_name(f"{stem.name}_{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            _claimed[key] = str(path)
+            break
+        else:
+            raise RunDirError(f"{stem}: no free run folder name; set hydra.run.dir=<a new folder>.")
+    return _claimed[key]
+
+
+def record_dir(output_dir: str, overwrite) -> Optional[str]:
+    """``hydra.output_subdir``: ``.hydra``, or None (Hydra writes no record) where it would rewrite a finished
+    run's or write into a folder that is not jdiff's."""
+    return HYDRA if may_record(Path(output_dir), bool(overwrite)) else None
+
+
+def log_file(output_dir: str, overwrite) -> str:
+    """The run's log file, or the null device where :func:`record_dir` says Hydra may not write."""
+    import os
+
+    return str(Path(output_dir) / LOG) if may_record(Path(output_dir), bool(overwrite)) else os.devnull
