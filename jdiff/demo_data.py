@@ -67,14 +67,11 @@ def is_demo_set(root: Path) -> bool:
         return False
 
 
-def write_demo_styles(root: Path, cache: Path | None = None) -> Path:
-    """Draw the demo style set into ``root``, which must be new or empty: nothing that is there is replaced.
-
-    With ``cache`` (the run's paths.cache), a missing ``root`` is made only inside it: elsewhere the folder
-    must exist (empty), so that a mistyped path never creates folders in odd places."""
+def check_demo_root(root: Path, cache: Path | None = None) -> None:
+    """Raise :class:`DemoDataError` unless the demo set may be drawn into ``root`` (see write_demo_styles)."""
     root = Path(root)
     if is_demo_set(root):
-        return root
+        return
     refuse = ("the demo builder (data.builder=demo, set by experiment=demo) draws its own styles there. To use the "
               "styles in a folder, set data.builder=null; otherwise point data.root at a new or empty folder")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -83,6 +80,17 @@ def write_demo_styles(root: Path, cache: Path | None = None) -> Path:
     if cache is not None and not root.exists() and not inside(root, Path(cache)):
         raise DemoDataError(f"data.root={root} does not exist; {refuse} (the builder makes missing folders only "
                             f"inside paths.cache={cache}; elsewhere create the empty folder first).")
+
+
+def write_demo_styles(root: Path, cache: Path | None = None) -> Path:
+    """Draw the demo style set into ``root``, which must be new or empty: nothing that is there is replaced.
+
+    With ``cache`` (the run's paths.cache), a missing ``root`` is made only inside it: elsewhere the folder
+    must exist (empty), so that a mistyped path never creates folders in odd places."""
+    root = Path(root)
+    if is_demo_set(root):
+        return root
+    check_demo_root(root, cache)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
         if is_demo_set(root):

@@ -41,13 +41,23 @@ def main(argv: list[str] | None = None) -> int:
                              "finished run is refused unless its config says overwrite: true)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir
+    if not (run_dir / CONFIG_FILE).is_file():
+        print(f"error: {run_dir} holds no {CONFIG_FILE}; give a sweep run folder (multirun/<sweep>/<run>).",
+              file=sys.stderr)
+        return 2
     configure_logging(run_dir / "run.log", args.label)
     stop_when_orphaned()
     signal.signal(signal.SIGTERM, _interrupt)
     log.info("run process %d on %s, CUDA_VISIBLE_DEVICES=%r", os.getpid(), socket.gethostname(),
              os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        run(load_config(run_dir), run_dir, prepared=args.prepared)
+        cfg = load_config(run_dir)
+    except Exception as err:  # YAML or schema errors: the file was edited or damaged
+        log.error("%s cannot be used as the run's config (%s: %s)", run_dir / CONFIG_FILE, type(err).__name__,
+                  str(err).splitlines()[0] if str(err) else "")
+        return 2
+    try:
+        run(cfg, run_dir, prepared=args.prepared)
     except KeyboardInterrupt:
         log.warning("interrupted: %s is unfinished", run_dir)
         return INTERRUPTED

@@ -23,17 +23,11 @@ def resolve_model_dir(model: DictConfig, cache: Path | None = None) -> Path:
     paths.cache) a missing ``model.path`` is made only inside it, so that a path meant for real weights never
     makes folders elsewhere."""
     if model.builder is not None:  # "tiny" or "sd21_random": built locally, random weights
-        from jdiff.demo_data import inside
         from jdiff.tiny_model import ensure_tiny_model
 
-        path = Path(os.path.expanduser(model.path))
-        if cache is not None and not path.is_dir() and not inside(path, Path(cache)):
-            raise ModelNotFoundError(
-                f"model.path={model.path} does not exist. model={model.name} builds its random-weight model into a "
-                f"folder under model.path, and makes a missing one only inside paths.cache={cache}. For your own "
-                f"weights pick a model that loads them (model=sd21 model.path={model.path}); to build here, create "
-                f"the folder first.")
-        return ensure_tiny_model(path, seed=model.builder_seed, architecture=model.builder)
+        check_build_path(model, cache)
+        return ensure_tiny_model(Path(os.path.expanduser(model.path)), seed=model.builder_seed,
+                                 architecture=model.builder)
     path = Path(os.path.expanduser(model.path))
     if path.is_dir():
         return check_model_dir(path)
@@ -43,6 +37,19 @@ def resolve_model_dir(model: DictConfig, cache: Path | None = None) -> Path:
             f"(with {', '.join(REQUIRED)}) or at a Hugging Face hub id like stabilityai/stable-diffusion-2-1."
         )
     return check_model_dir(_from_hub(model))
+
+
+def check_build_path(model: DictConfig, cache: Path | None) -> None:
+    """A built model's ``model.path`` exists, or lies inside ``cache`` (where a missing folder may be made)."""
+    from jdiff.demo_data import inside
+
+    path = Path(os.path.expanduser(model.path))
+    if model.builder is not None and cache is not None and not path.is_dir() and not inside(path, Path(cache)):
+        raise ModelNotFoundError(
+            f"model.path={model.path} does not exist. model={model.name} builds its random-weight model into a "
+            f"folder under model.path, and makes a missing one only inside paths.cache={cache}. For your own "
+            f"weights pick a model that loads them (model=sd21 model.path={model.path}); to build here, create "
+            f"the folder first.")
 
 
 def _from_hub(model: DictConfig) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,11 +28,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from jdiff import rundir
 from jdiff.contact_sheet import contact_sheet
 from jdiff.data import StyleDataError, image_file_name, load_rgb, load_style
-from jdiff.demo_data import write_demo_styles
+from jdiff.demo_data import check_demo_root, write_demo_styles
 from jdiff.engines.base import Engine, EngineError, LoraSpec, create_engine
 from jdiff.files import save_png, write_json, write_text
 from jdiff.generate import generate_images
-from jdiff.models import ModelNotFoundError, resolve_model_dir
+from jdiff.lora_file import check_adapter_file
+from jdiff.models import ModelNotFoundError, check_build_path, resolve_model_dir
 from jdiff.prior import ClassImage, ClassImageSettings, class_cache_dir, class_images, load_class_images
 from jdiff.schedule import NoiseSchedule
 from jdiff.scoring import final_score
@@ -124,8 +126,14 @@ class Run:
         self.engine.add_lora(lora_spec(self.cfg))
         train_lora(self.engine, self.cfg, self.style, load_class_images(self.class_items),
                    [item.prompt for item in self.class_items], self.schedule, self.dir / "loss.csv")
-        self.engine.save_lora(self.dir / LORA_FILE, extra_metadata={"style": self.style.style_id,
-                                                                     "steps": self.cfg.train.steps})
+        adapter = self.dir / LORA_FILE
+        self.engine.save_lora(adapter, extra_metadata={"style": self.style.style_id, "steps": self.cfg.train.steps})
+        try:
+            check_adapter_file(adapter)  # the last step may have broken the weights though its loss was a number
+        except ValueError as err:
+            adapter.unlink()
+            raise TrainingDiverged(f"training ended with an unusable adapter ({err}); try a smaller train.lr "
+                                   f"(now {self.cfg.train.lr}).") from err
 
     def generate(self) -> None:
         if "train" not in self.cfg.stages:
@@ -173,8 +181,12 @@ def check_before_run(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
             del task["hydra"]
     resolve_paths(task)
     validate_config(task)
-    run_dir = Path(run_dir) if run_dir is not None else Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
-    rundir.check(run_dir, resolved(task), task.overwrite)
+    cache = Path(task.paths.cache)
+    check_build_path(task.model, cache)
+    if task.data.builder == "demo":
+        check_demo_root(Path(task.data.root), cache)
+    run_dir = run_dir if run_dir is not None else str(OmegaConf.select(cfg, "hydra.run.dir"))
+    rundir.check(Path(os.path.abspath(run_dir)), resolved(task), task.overwrite)
 
 
 def run(cfg: DictConfig, run_dir: Path, prepared: bool = False) -> Optional[float]:

@@ -22,6 +22,7 @@ from jdiff.engines.base import Engine, GenerateRequest
 from jdiff.files import save_png, write_json
 from jdiff.models import cache_key, model_fingerprint
 from jdiff.noise import PRIOR, gaussian, stream, text_key
+from jdiff.rundir import is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,20 @@ def class_images(cache_dir: Path, objects: list[str], per_object: int, settings:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(cache_dir / ".lock")):
             missing = [item for item in missing if not path(*item).exists()]  # another job may have made them
+            for leftover in cache_dir.glob("*/.*.tmp*"):  # a job killed while writing; none writes now
+                if is_temporary(leftover.name):
+                    leftover.unlink(missing_ok=True)
             if missing:
                 log.info("generating %d class images into %s", len(missing), cache_dir)
                 write_json(cache_dir / "settings.json", asdict(settings))
                 eng = engine()
                 shape = eng.latent_shape(settings.resolution)
-                for start in tqdm(range(0, len(missing), batch_size), desc="prior", unit="batch"):
-                    chunk = missing[start : start + batch_size]
+                # The batches are fixed slices of the wanted list, whatever is cached already: an image's float
+                # rounding depends on the batch it was sampled in, so a run resumed after an interruption makes
+                # the very images an uninterrupted run would (a batch with some images cached is sampled whole).
+                todo = set(missing)
+                batches = [wanted[i : i + batch_size] for i in range(0, len(wanted), batch_size)]
+                for chunk in tqdm([b for b in batches if todo.intersection(b)], desc="prior", unit="batch"):
                     noise = np.stack([gaussian(stream(settings.seed, PRIOR, text_key(o), k), shape) for o, k in chunk])
                     images = eng.generate(GenerateRequest(
                         prompts=[settings.template.format(object=o) for o, _ in chunk],
@@ -78,7 +86,8 @@ def class_images(cache_dir: Path, objects: list[str], per_object: int, settings:
                         sampler=settings.sampler,
                     ))
                     for (o, k), image in zip(chunk, images):
-                        save_png(path(o, k), image)
+                        if (o, k) in todo:
+                            save_png(path(o, k), image)
     else:
         log.info("all %d class images found in %s", len(wanted), cache_dir)
     return [ClassImage(path(o, k), settings.template.format(object=o)) for o, k in wanted]

@@ -241,5 +241,8 @@ def stop(child: subprocess.Popen) -> None:
 
 
 def record_failure(run_dir: Path, label: str, kind: str, error: str) -> None:
-    write_json(run_dir / FAILED, {"error": error, "type": kind})
     log.error("[%s] FAILED (%s: %s): %s", label, kind, error, run_dir)
+    try:
+        write_json(run_dir / FAILED, {"error": error, "type": kind})
+    except OSError as err:  # a full or read-only disk: the run stays unfinished and reruns at the next launch
+        log.error("[%s] could not write %s: %s", label, run_dir / FAILED, err)

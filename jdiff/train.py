@@ -97,12 +97,7 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
                      "prior_loss": float(per_sample[n:].mean()) if len(per_sample) > n else 0.0,
                      "seconds": round(time.perf_counter() - started, 3)})
         if not np.isfinite(rows[-1]["loss"]):
-            t = cfg.train
-            raise TrainingDiverged(
-                f"training diverged at step {step + 1} of {t.steps}: the loss is {rows[-1]['loss']} (train.lr={t.lr}, "
-                f"train.max_grad_norm={t.max_grad_norm}, engine.mixed_precision={cfg.engine.mixed_precision}). Try a "
-                f"smaller train.lr (the reference uses 1e-4), gradient clipping (train.max_grad_norm=1.0), or full "
-                f"precision (engine.mixed_precision=no); the losses so far are in {loss_log.name}.")
+            raise TrainingDiverged(diverged_message(cfg, step + 1, rows[-1]["loss"], loss_log.name))
         bar.update(1)
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
         if (step + 1) % 50 == 0 or step + 1 == cfg.train.steps:
@@ -143,18 +138,21 @@ def run_one_ahead(engine: Engine, steps: Iterable[tuple[TrainBatch, float]],
     """Train on ``steps`` ((batch, lr) pairs), reading step k's per-sample losses (for ``record(k, lr, batch,
     losses)``) only after step k+1 is queued, so the host prepares the next step while the device runs this
     one. When a step fails, the step queued before it is still recorded, if its losses can be read."""
-    pending = None
+    pending, recording = None, False
     try:
         for step, (batch, lr) in enumerate(steps):
             queued = (step, lr, batch, engine.start_train_step(batch, lr))
             if pending:
+                recording = True
                 _record(pending, record)
+                recording = False
             pending = queued
         if pending:
+            recording = True
             _record(pending, record)
             pending = None
     except BaseException:
-        if pending:
+        if pending and not recording:  # not when recording it was what failed (a non-finite loss)
             with contextlib.suppress(Exception):
                 _record(pending, record)
         raise
@@ -163,6 +161,18 @@ def run_one_ahead(engine: Engine, steps: Iterable[tuple[TrainBatch, float]],
 def _record(queued: tuple, record: Callable) -> None:
     step, lr, batch, losses = queued
     record(step, lr, batch, losses())
+
+
+def diverged_message(cfg: DictConfig, step: int, loss: float, loss_log: str) -> str:
+    t, precision = cfg.train, cfg.engine.mixed_precision
+    tries = ["a smaller train.lr (the reference method uses 1e-4)"]
+    if not 0 < t.max_grad_norm <= 1.0:
+        tries.append("gradient clipping (train.max_grad_norm=1.0)")
+    if precision != "no":
+        tries.append("full precision (engine.mixed_precision=no)")
+    return (f"training diverged at step {step} of {t.steps}: the loss is {loss} with train.lr={t.lr}, "
+            f"train.max_grad_norm={t.max_grad_norm}, engine.mixed_precision={precision}. Try {' or '.join(tries)}; "
+            f"the losses so far are in {loss_log}.")
 
 
 def write_loss_log(path: Path, rows: list[dict]) -> None:

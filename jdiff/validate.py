@@ -10,9 +10,11 @@ import dataclasses
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from jdiff.config import STAGES
 from jdiff.engines.base import triton_interpreting
+from jdiff.lora_file import check_adapter_file
 from jdiff.tiny_model import ARCHITECTURES
 
 ENGINES = ("torch", "jittor")
@@ -67,7 +69,16 @@ def validate_config(cfg: DictConfig) -> None:
     from jdiff.config import JdiffConfig
 
     _check_present(cfg, JdiffConfig)
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # a ${...} that cannot be resolved, or resolves to a wrong type
+        key = getattr(err, "full_key", None) or "a value"
+        raise ConfigError(f"{key} cannot be resolved: {str(err).splitlines()[0]}. Fix the ${{...}} reference or "
+                          f"give {key} a plain value.") from err
     _check(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"a seed in [0, {MAX_SEED}]")
+    style = str(cfg.style)
+    _check(bool(style.strip()) and style not in (".", "..") and not any(c in style for c in "/\\"), "style", style,
+           "name one style folder under data.root (e.g. style=03); to use styles elsewhere set data.root")
     stages = list(cfg.stages)
     for stage in stages:
         _one_of("stages", stage, STAGES)
@@ -84,7 +95,8 @@ def validate_config(cfg: DictConfig) -> None:
            f"use 0 (off) or a rank in [1, {MAX_RANK}]")
     for key in ("unet_alpha", "text_encoder_alpha"):
         value = lora[key]
-        _check(value is None or value > 0, f"lora.{key}", value, "alpha must be > 0, or null for alpha = rank")
+        _check(value is None or 0 < value < float("inf"), f"lora.{key}", value,
+               "alpha must be a number > 0, or null for alpha = rank")
     _check(lora.text_encoder_lr_ratio > 0, "lora.text_encoder_lr_ratio", lora.text_encoder_lr_ratio, "must be > 0")
     _check(len(lora.unet_targets) > 0, "lora.unet_targets", list(lora.unet_targets), "name at least one module")
     if "train" not in stages and ("generate" in stages):
@@ -98,10 +110,10 @@ def validate_config(cfg: DictConfig) -> None:
            "the train stage trains a new adapter and would ignore it: to use this adapter drop train "
            "(stages=[generate,score]), or to train a new one unset it (lora.path=null)")
     if lora.path is not None and "train" not in stages:
-        path = Path(lora.path)
-        if path.is_dir():
-            path = path / "lora.safetensors"
-        _check(path.is_file(), "lora.path", lora.path, f"{path} does not exist; point it at a jdiff run or adapter file")
+        try:
+            check_adapter_file(Path(lora.path))  # before any model loads: values, pairs, metadata
+        except ValueError as err:
+            raise ConfigError(f"lora.path={lora.path}: {err}") from err
 
     prior = cfg.prior
     _check(stages != ["prior"] or prior.enabled, "stages", stages,

@@ -61,3 +61,36 @@ def settings_for(folder: Path, **changes) -> ScoreConfig:
     for key, value in changes.items():
         setattr(cfg, key, value)
     return cfg
+
+
+# -- the command line as users run it ---------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jdiff_cli(args: list[str], cwd: Path, module: str = "jdiff.main", timeout: float = 600):
+    """``python -m <module> args`` in ``cwd``, with this checkout's jdiff; the finished process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path, with its bytes."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(done, *words: str, code: int = 2, prefix: str = "error:") -> str:
+    """The process ended with ``code``, printed no traceback, and exactly one ``prefix`` line naming ``words``."""
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert done.returncode == code, output[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, done.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from jdiff.config import STAGES, register_configs
+from jdiff.lora_file import Adapter, save_adapters
 from jdiff.validate import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,13 +311,21 @@ def test_lora_path_to_run_dir_without_adapter(base_cfg, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = with_values(base_cfg, stages=["generate", "score"], **{"lora.path": str(run_dir)})
-    expect_config_error(cfg, f"lora.path='{run_dir}'", str(run_dir / "lora.safetensors"))
+    expect_config_error(cfg, f"lora.path={run_dir}", "has no lora.safetensors")
+
+
+def test_lora_path_to_a_damaged_adapter_is_refused_before_any_model_loads(base_cfg, tmp_path):
+    (tmp_path / "lora.safetensors").write_bytes(b"x")
+    cfg = with_values(base_cfg, stages=["generate", "score"], **{"lora.path": str(tmp_path)})
+    expect_config_error(cfg, f"lora.path={tmp_path}", "not a readable safetensors file")
 
 
 def test_lora_path_to_existing_adapter_passes(base_cfg, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "lora.safetensors").write_bytes(b"x")
+    layers = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (np.ones((4, 8), np.float32),
+                                                                             np.zeros((8, 4), np.float32))}
+    save_adapters(run_dir / "lora.safetensors", {"unet": Adapter(rank=4, alpha=4.0, layers=layers)})
     validate_config(with_values(base_cfg, stages=["generate", "score"], **{"lora.path": str(run_dir)}))
     validate_config(with_values(base_cfg, stages=["generate"], **{"lora.path": str(run_dir / "lora.safetensors")}))
 

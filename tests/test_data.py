@@ -242,7 +242,7 @@ def test_palette_with_transparency(tmp_path):
 
 def test_palette_gif_with_transparency(tmp_path):
     _palette_image().save(tmp_path / "p.gif", transparency=1)
-    # .gif is not a style image suffix, but load_rgb itself must handle it.
+    # (.gif is a style image suffix too: the first frame of an animation.)
     out = load_rgb(tmp_path / "p.gif")
     assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[0, 1]) == (255, 255, 255)
 
@@ -522,14 +522,20 @@ def test_demo_styles_loadable_and_idempotent(tmp_path):
     assert sorted(p.name for p in root.parent.iterdir() if p.is_dir()) == ["demo_styles"]
 
 
-def test_demo_styles_deterministic_and_repair_incomplete(tmp_path):
+def test_demo_styles_deterministic_and_never_replace_other_files(tmp_path):
     a = write_demo_styles(tmp_path / "a")
     b = tmp_path / "b"
-    (b / "00").mkdir(parents=True)  # an interrupted earlier write: no .complete marker
+    (b / "00").mkdir(parents=True)  # not a finished demo set: what is there may be the user's, and is kept
     (b / "00" / "junk.txt").write_text("half-written")
-    write_demo_styles(b)
-    assert not (b / "00" / "junk.txt").exists()
+    with pytest.raises(StyleDataError, match="holds files jdiff did not write"):
+        write_demo_styles(b)
+    assert [p.name for p in b.rglob("*")] == ["00", "junk.txt"]
+    assert (b / "00" / "junk.txt").read_text() == "half-written"
+    stale = tmp_path / ".c.building-x"  # left by a process killed while drawing set c
+    (stale / "00").mkdir(parents=True)
+    c = write_demo_styles(tmp_path / "c")
+    assert not stale.exists()
     files_a = {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()}
-    files_b = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
-    assert files_a == files_b
+    files_c = {p.relative_to(c): p.read_bytes() for p in c.rglob("*") if p.is_file()}
+    assert files_a == files_c
     assert {p.parts[0] for p in files_a if len(p.parts) > 1} == {"00", "01"}

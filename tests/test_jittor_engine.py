@@ -150,9 +150,10 @@ def test_training_steps_update_the_adapters_alike(tiny_model_dir, live_lora, tmp
     assert all(np.abs(theirs[key] - before[key]).max() > 1e-5 for key in theirs)  # every adapter trained
     # A step moves each weight by about lr (1e-3) and weight decay by lr * 0.01 * weight (~1e-6), so 1e-7
     # tells any slip in the optimizer. Adam's step lr * m / (sqrt(v) + eps) hangs on float noise only for the
-    # rare weight whose gradient is as small as eps (1e-8), or whose two gradients cancel: those may differ more.
+    # rare weight whose gradient is as small as eps (1e-8), or whose two gradients cancel: those may differ more
+    # (0.13% of them on one 2-core VM, up to 4e-5). A slip in the optimizer moves nearly every weight.
     diff = np.concatenate([np.abs(ours[key] - theirs[key]).ravel() for key in theirs])
-    assert np.mean(diff <= 1e-7) >= 0.999 and diff.max() <= 1e-4, (np.mean(diff <= 1e-7), diff.max())
+    assert np.mean(diff <= 1e-7) >= 0.99 and diff.max() <= 1e-4, (np.mean(diff <= 1e-7), diff.max())
 
 
 def record_trajectory(sampler, trail: list):

@@ -132,14 +132,14 @@ def test_engine_with_triton_group_norm_and_channels_last_trains_and_samples_like
 
 
 def test_triton_group_norm_without_a_gpu_or_triton_is_refused_with_the_fix(tiny_model_dir, tmp_path, monkeypatch):
-    cfg = compose_config(["engine=torch", "engine.device=cpu", "engine.group_norm=triton"], tmp_path)
+    cfg = compose_config(["style=00", "engine=torch", "engine.device=cpu", "engine.group_norm=triton"], tmp_path)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="engine.group_norm=native with engine.device=cpu"):
         validate_config(cfg)
     with pytest.raises(EngineError, match="runs on CUDA GPUs"):
         TorchEngine(tiny_model_dir, device="cpu", group_norm="triton")
     with pytest.raises(ConfigError, match="torch engine settings"):
-        validate_config(compose_config(["engine=jittor", "engine.channels_last=true"], tmp_path))
+        validate_config(compose_config(["style=00", "engine=jittor", "engine.channels_last=true"], tmp_path))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(EngineError, match="needs Triton"):
         TorchEngine(tiny_model_dir, device="cpu", group_norm="triton")

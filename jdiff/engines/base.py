@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from jdiff.lora_file import initial_down_weights, load_adapters
+from jdiff.lora_file import Adapter, adapter_file, initial_down_weights, load_adapters
 
 
 class EngineError(RuntimeError):
@@ -26,6 +26,74 @@ def out_of_memory(what: str, tries: str, cause: str) -> EngineError:
     remedies, then the framework's own words (``cause``)."""
     return EngineError(f"out of GPU memory while {what}. Try {tries}, a smaller train.batch_size or "
                        f"infer.batch_size, or a free GPU ({cause})")
+
+
+ANOTHER_MODEL = ("Was the adapter trained on another model? Train one for this model, or point lora.path at an "
+                 "adapter trained on it.")
+SHOWN = 3  # how many names an error message lists
+
+
+def check_rank_and_alpha(prefix: str, rank, alpha) -> None:
+    """The rank and alpha of fresh adapters: an alpha of inf or NaN gives NaN images (B = 0 times inf)."""
+    if not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise EngineError(f"lora.{prefix}_rank={rank!r} is invalid: a LoRA rank is an integer >= 1.")
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise EngineError(f"lora.{prefix}_alpha={alpha!r} is invalid: alpha must be a finite number > 0 "
+                          f"(or null for alpha = rank).")
+
+
+def lora_misfits(file: Path, prefix: str, adapter: Adapter, layers: dict, model) -> Optional[str]:
+    """Why the adapters of ``prefix`` in ``file`` do not fit the adapted ``layers`` (name -> layer with
+    ``in_features`` and ``out_features``) of ``model``, or None when they do: a module the model has no linear
+    layer of, or an A (rank x in) or B (out x rank) matrix whose size is not the layer's."""
+    missing = sorted(set(adapter.layers) - set(layers))
+    if missing:
+        listed = ", ".join(missing[:SHOWN]) + (", ..." if len(missing) > SHOWN else "")
+        return (f"{file}: the {prefix} of the model in {model} has no linear layer {missing[0]} "
+                f"({len(missing)} of the file's {len(adapter.layers)} {prefix} layers are missing: {listed}). "
+                f"{ANOTHER_MODEL}")
+    wrong = []
+    for name, (down, up) in sorted(adapter.layers.items()):
+        layer = layers[name]
+        want_down, want_up = (adapter.rank, layer.in_features), (layer.out_features, adapter.rank)
+        if tuple(down.shape) != want_down:
+            wrong.append(f"{prefix}.{name}.lora_A.weight is {tuple(down.shape)} but the layer takes "
+                         f"{layer.in_features} inputs, so A must be {want_down}")
+        if tuple(up.shape) != want_up:
+            wrong.append(f"{prefix}.{name}.lora_B.weight is {tuple(up.shape)} but the layer gives "
+                         f"{layer.out_features} outputs, so B must be {want_up}")
+    if wrong:
+        more = f"; {len(wrong) - SHOWN} more tensors do not fit" if len(wrong) > SHOWN else ""
+        return (f"{file}: {'; '.join(wrong[:SHOWN])}{more}. The adapter does not fit the model in {model}. "
+                f"{ANOTHER_MODEL}")
+    return None
+
+
+def uint8_images(images: np.ndarray, prompts: list[str], *, mixed_precision: str = "no", alternatives=(),
+                 adapted: bool = False) -> list[np.ndarray]:
+    """Decoded images (B, H, W, 3), floats nominally in [0, 1], as uint8 (H, W, 3) arrays, one per prompt.
+
+    Non-finite pixels would become black (NaN) or saturated (inf) images that still get saved and scored, so an
+    image with any is refused: an EngineError names its prompts and what to try (``alternatives``: the
+    engine.mixed_precision values to suggest instead of ``mixed_precision``; ``adapted``: a LoRA is attached)."""
+    images = np.asarray(images)
+    finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    if not finite.all():
+        bad = [p for p, ok in zip(prompts, finite) if not ok]
+        listed = ", ".join(map(repr, bad[:SHOWN])) + (f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else "")
+        tries = []
+        if mixed_precision != "no" and alternatives:
+            tries.append(f"engine.mixed_precision={mixed_precision} can overflow: try engine.mixed_precision="
+                         f"{' or '.join(alternatives)}")
+        if adapted:
+            tries.append("the LoRA adapter may be broken (a training that diverged): check lora.path, or train "
+                         "again with a smaller train.lr")
+        else:
+            tries.append("no adapter is loaded, so check the model's weights (model.path)")
+        raise EngineError(f"the images of {len(bad)} of {len(prompts)} prompts came out non-finite (NaN or inf "
+                          f"pixels; saved, they would be black images that still get scored): {listed}. "
+                          f"{'; '.join(tries)}.")
+    return [(im.clip(0, 1) * 255).round().astype(np.uint8) for im in images]
 
 
 @dataclass(frozen=True)
@@ -103,18 +171,23 @@ class Engine(abc.ABC):
         """Copy A (rank x in) and B (out x rank) into one adapted layer."""
 
     def _attach_new(self, prefix: str, targets, rank: int, alpha: float) -> dict:
-        if prefix in self.lora_settings:
-            raise EngineError(f"the {prefix} has adapters already; attach one LoRA per engine (load a new engine).")
+        self._refuse_second_adapter(prefix)
         layers = self._attach(prefix, targets, rank, alpha)
         if not layers:
             raise EngineError(f"lora targets {list(targets)} match no layer of the {prefix}")
         return layers
+
+    def _refuse_second_adapter(self, prefix: str) -> None:
+        if prefix in self.lora_settings:
+            raise EngineError(f"the {prefix} has adapters already; attach one LoRA per engine (load a new engine).")
 
     def add_lora(self, spec: LoraSpec) -> None:
         """Attach fresh adapters (B = 0, so the model is unchanged until trained; A from the seed)."""
         plan = {"unet": (spec.unet_targets, spec.unet_rank, spec.unet_alpha)}
         if spec.text_encoder_rank > 0:
             plan["text_encoder"] = (spec.text_encoder_targets, spec.text_encoder_rank, spec.text_encoder_alpha)
+        for prefix, (_, rank, alpha) in plan.items():
+            check_rank_and_alpha(prefix, rank, alpha)
         for prefix, (targets, rank, alpha) in plan.items():
             for name, layer in self._attach_new(prefix, targets, rank, alpha).items():
                 down = initial_down_weights(name, rank, layer.in_features, spec.seed)
@@ -122,18 +195,39 @@ class Engine(abc.ABC):
             self.lora_settings[prefix] = (rank, float(alpha))
 
     def load_lora(self, path: Path) -> None:
-        """Attach the adapters stored in a jdiff/diffusers LoRA .safetensors file."""
+        """Attach the adapters stored in a jdiff/diffusers LoRA .safetensors file (or a run folder's
+        lora.safetensors). Every value is checked first (:func:`jdiff.lora_file.load_adapters`), then every
+        tensor against the layer it adapts (:func:`lora_misfits`): a file that cannot work is refused by name,
+        before any image is made."""
         try:
-            stored = load_adapters(path)
+            file = adapter_file(path)
+            stored = load_adapters(file)
         except ValueError as err:
             raise EngineError(str(err)) from err
+        model = getattr(self, "model_dir", "this engine's model")
+        for prefix in stored:
+            self._refuse_second_adapter(prefix)
+        attached = {}
+        for prefix, adapter in stored.items():  # every prefix checked before any weight is copied
+            try:
+                layers = self._attach(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
+            except ValueError as err:  # peft: no such module, or one it cannot adapt
+                cause = str(err) if len(str(err)) <= 300 else str(err)[:300] + " ..."
+                raise EngineError(f"{file}: the {prefix} of the model in {model} cannot take the adapters of its "
+                                  f"{len(adapter.layers)} layers ({min(adapter.layers)}, ...): {cause} "
+                                  f"{ANOTHER_MODEL}") from err
+            problem = lora_misfits(file, prefix, adapter, layers, model)
+            if problem:
+                raise EngineError(problem)
+            attached[prefix] = layers
         for prefix, adapter in stored.items():
-            layers = self._attach_new(prefix, sorted(adapter.layers), adapter.rank, adapter.alpha)
-            missing = sorted(set(adapter.layers) - set(layers))
-            if missing:
-                raise EngineError(f"{path}: the {prefix} has no layer {missing[0]}; was it trained on another model?")
-            for name, (down, up) in adapter.layers.items():
-                self._set_adapter(layers[name], down, up)
+            for name, (down, up) in sorted(adapter.layers.items()):
+                try:
+                    self._set_adapter(attached[prefix][name], down, up)
+                except (RuntimeError, ValueError, TypeError) as err:  # a layer that is not a plain linear one
+                    raise EngineError(f"{file}: cannot load {prefix}.{name} into the model's layer ({err}); is "
+                                      f"that layer a linear one? {ANOTHER_MODEL}") from err
+        for prefix, adapter in stored.items():
             self.lora_settings[prefix] = (adapter.rank, adapter.alpha)
 
     @abc.abstractmethod

@@ -26,7 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from jdiff.engines.base import Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory
+from jdiff.engines.base import (Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory,
+                               uint8_images)
 from jdiff.engines.jittor.env import import_jittor, use_device
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
@@ -375,8 +376,9 @@ class JittorEngine(Engine):
             latents = sampler.step(pred, t, latents)
             latents.sync()  # run each step as it comes, not as one graph over all steps
         images = self.vae.decode((latents / self.vae.scaling_factor + self.vae.shift_factor).cast(self.dtype))
-        images = (images.float32() * 0.5 + 0.5).clamp(0, 1).transpose(0, 2, 3, 1).numpy()
-        return [(im * 255).round().astype(np.uint8) for im in images]
+        images = (images.float32() * 0.5 + 0.5).transpose(0, 2, 3, 1).numpy()
+        return uint8_images(images, req.prompts, mixed_precision="fp16" if self.dtype == "float16" else "no",
+                            alternatives=["no"], adapted=bool(self.lora_settings))
 
     def unet_prediction(self, sample: jt.Var, timesteps: jt.Var, states: jt.Var) -> jt.Var:
         """The UNet's output in float32; with ``compile=replay``, from the recorded call for these shapes."""

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from jdiff.engines.base import (Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory,
-                               triton_interpreting)
+                               triton_interpreting, uint8_images)
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
@@ -97,7 +97,10 @@ class TorchEngine(Engine):
             raise EngineError("engine.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no.")
         self.scheduler_config = read_scheduler_config(self.model_dir)
         self._prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
-        kwargs = {"use_safetensors": not allow_pickle, "torch_dtype": self.dtype}
+        self.mixed_precision = mixed_precision
+        # allow_pickle: .bin weights too, where a component has no .safetensors (None: diffusers and transformers
+        # take the .safetensors file when there is one, else the .bin); without it, .safetensors only
+        kwargs = {"use_safetensors": None if allow_pickle else True, "torch_dtype": self.dtype}
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(self.model_dir, subfolder="tokenizer")
             self.text_encoder = CLIPTextModel.from_pretrained(self.model_dir, subfolder="text_encoder", **kwargs)
@@ -410,5 +413,7 @@ class TorchEngine(Engine):
                 pred = uncond + req.guidance_scale * (text - uncond)
             latents = sampler.step(pred, t, latents).prev_sample
         images = self.vae.decode(latents / self.vae_scale + self.vae_shift).sample
-        images = (images * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return [(im * 255).round().astype(np.uint8) for im in images]
+        images = (images * 0.5 + 0.5).permute(0, 2, 3, 1).float().cpu().numpy()
+        return uint8_images(images, req.prompts, mixed_precision=self.mixed_precision,
+                            alternatives=[m for m in ("bf16", "no") if m != self.mixed_precision],
+                            adapted=bool(self.lora_settings))
