@@ -27,6 +27,22 @@ class RunGuard(Callback):
             sys.exit(2)
 
 
+class SweepGuard(Callback):
+    """Before a sweep starts: how many jobs and which GPUs (read by the launcher before any job could check them),
+    and a sweep folder that is new or a sweep's own. One line on stderr and exit code 2 otherwise."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from jdiff.report import ReportError, check_sweep_folder
+        from jdiff.validate import ConfigError, check_placement
+
+        try:
+            check_placement(config)
+            check_sweep_folder(Path(str(config.hydra.sweep.dir)))
+        except (ConfigError, ReportError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
 class SweepReport(Callback):
     """At the end of every multirun, write the sweep's report (``jdiff.report``) into the sweep folder."""
 

@@ -75,7 +75,11 @@ def check_demo_root(root: Path, cache: Path | None = None) -> None:
     refuse = ("the demo builder (data.builder=demo, set by experiment=demo) draws its own styles there. To use the "
               "styles in a folder, set data.builder=null; otherwise point data.root at a new or empty folder")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        shown = ", ".join(sorted(p.name for p in root.iterdir())[:5]) if root.is_dir() else "a file"
+        names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        if names and set(names) <= set(DEMO_STYLES):
+            raise DemoDataError(f"data.root={root} holds an unfinished demo set (no {MARKER}); if jdiff made it, "
+                                f"delete the folder and run again; {refuse}.")
+        shown = ", ".join(names[:5]) if root.is_dir() else "a file"
         raise DemoDataError(f"data.root={root} holds files jdiff did not write ({shown}); {refuse}.")
     if cache is not None and not root.exists() and not inside(root, Path(cache)):
         raise DemoDataError(f"data.root={root} does not exist; {refuse} (the builder makes missing folders only "

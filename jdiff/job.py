@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from jdiff.config import JdiffConfig
 from jdiff.files import write_json
 from jdiff.pipeline import USER_ERRORS, run
+from jdiff import rundir
 from jdiff.rundir import FAILED
 from jdiff.sweep import CONFIG_FILE, INTERRUPTED
 
@@ -37,13 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a sweep run directory holding config.yaml")
     parser.add_argument("--label", default="job", help="a short name for the console, e.g. the job number")
     parser.add_argument("--prepared", action="store_true",
-                        help="the sweep job checked and prepared the folder (by hand: leave it out, so that a "
-                             "finished run is refused unless its config says overwrite: true)")
+                        help="the sweep job checked and prepared the folder (by hand: leave it out)")
+    parser.add_argument("--overwrite", action="store_true", help="by hand: run a finished run again, replacing it")
     args = parser.parse_args(argv)
     run_dir = args.run_dir
     if not (run_dir / CONFIG_FILE).is_file():
         print(f"error: {run_dir} holds no {CONFIG_FILE}; give a sweep run folder (multirun/<sweep>/<run>).",
               file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(run_dir)
+        if not args.prepared:  # by hand: nothing is written (not even the log) into a folder the run may not use
+            cfg.overwrite = args.overwrite  # what was asked now, not what the run's config recorded
+            rundir.check(run_dir, None, cfg.overwrite)
+    except rundir.RunDirError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # YAML or schema errors: the file was edited or damaged
+        print(f"error: {run_dir / CONFIG_FILE} cannot be used as the run's config ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}); restore it, or run the sweep again.", file=sys.stderr)
         return 2
     configure_logging(run_dir / "run.log", args.label)
     stop_when_orphaned()
@@ -51,17 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run process %d on %s, CUDA_VISIBLE_DEVICES=%r", os.getpid(), socket.gethostname(),
              os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        cfg = load_config(run_dir)
-    except Exception as err:  # YAML or schema errors: the file was edited or damaged
-        log.error("%s cannot be used as the run's config (%s: %s)", run_dir / CONFIG_FILE, type(err).__name__,
-                  str(err).splitlines()[0] if str(err) else "")
-        return 2
-    try:
         run(cfg, run_dir, prepared=args.prepared)
     except KeyboardInterrupt:
         log.warning("interrupted: %s is unfinished", run_dir)
         return INTERRUPTED
     except Exception as err:  # the run's failure is recorded and ends this process only, not the sweep
+        if isinstance(err, rundir.RunDirError):  # the folder is not this run's to write: no marker either
+            log.error("%s", err)
+            return 2
         if isinstance(err, USER_ERRORS):
             log.error("%s", err)
         else:

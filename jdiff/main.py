@@ -43,8 +43,10 @@ def main(cfg: DictConfig) -> Optional[float]:
         return run(cfg, run_dir)
     except USER_ERRORS as err:
         stop(f"error: {err}", 2)
-    except OSError as err:  # the disk, not jdiff: a read-only or full run folder, a vanished file
-        stop(f"error: {err}. Free some space or make the folder writable, then run the same command with "
+    except OSError as err:  # the disk, not jdiff: a full disk, a read-only folder, a file where a folder should be
+        where = f" ({err.filename})" if err.filename else ""
+        stop(f"error: {err.strerror or err}{where}. Free some space, or make that place a writable folder (the run "
+             f"writes to hydra.run.dir, caches to paths.cache={cfg.paths.cache}); then run the same command with "
              f"hydra.run.dir={run_dir} to resume (the run is unfinished).", 1)
     except KeyboardInterrupt:
         stop(f"interrupted: {run_dir} is unfinished; run the same command with hydra.run.dir={run_dir} to resume.",
@@ -66,4 +68,8 @@ if __name__ == "__main__":
     # imports jdiff.main (and so registers the schema and resolvers) rather than receiving a copy of it.
     from jdiff.main import main as task
 
-    task()
+    try:
+        task()
+    except KeyboardInterrupt:  # before a run began (while the config was composed): nothing was written
+        print("interrupted before the run started; nothing was written.", file=sys.stderr)
+        sys.exit(130)

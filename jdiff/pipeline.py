@@ -185,8 +185,24 @@ def check_before_run(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     check_build_path(task.model, cache)
     if task.data.builder == "demo":
         check_demo_root(Path(task.data.root), cache)
-    run_dir = run_dir if run_dir is not None else str(OmegaConf.select(cfg, "hydra.run.dir"))
-    rundir.check(Path(os.path.abspath(run_dir)), resolved(task), task.overwrite)
+    run_dir = Path(os.path.abspath(run_dir if run_dir is not None else str(OmegaConf.select(cfg, "hydra.run.dir"))))
+    rundir.check(run_dir, resolved(task), task.overwrite)
+    check_places(task, run_dir)
+    rundir.hold(run_dir)  # kept to the end of the run: a second run into this folder is refused
+
+
+def check_places(cfg: DictConfig, run_dir: Path) -> None:
+    """What the run reads and keeps must not be inside its own folder: a resumed or overwritten run would find
+    it as foreign files, or delete it."""
+    from jdiff.demo_data import inside
+
+    places = {"paths.cache": cfg.paths.cache, "data.root": cfg.data.root}
+    if cfg.lora.path is not None:
+        places["lora.path"] = cfg.lora.path
+    for key, place in places.items():
+        if inside(Path(place), run_dir):
+            raise rundir.RunDirError(f"{key}={place} is inside the run folder {run_dir}; the run folder holds only "
+                                     f"the run's own files: choose another hydra.run.dir (or {key}).")
 
 
 def run(cfg: DictConfig, run_dir: Path, prepared: bool = False) -> Optional[float]:
@@ -197,9 +213,20 @@ def run(cfg: DictConfig, run_dir: Path, prepared: bool = False) -> Optional[floa
     started = time.perf_counter()
     resolve_paths(cfg)
     validate_config(cfg)
-    run_dir = Path(run_dir)
-    if not prepared:
+    run_dir = Path(os.path.abspath(run_dir))
+    if prepared:
+        return _run(cfg, run_dir, started)
+    check_places(cfg, run_dir)
+    acquired = rundir.hold(run_dir)
+    try:
         rundir.prepare(run_dir, resolved(cfg), cfg.overwrite)
+        return _run(cfg, run_dir, started)
+    finally:
+        if acquired:
+            rundir.release(run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path, started: float) -> Optional[float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -55,7 +55,8 @@ from typing import Optional
 
 from jdiff import rundir
 from jdiff.files import write_text
-from jdiff.rundir import COMPLETE, HYDRA, IMAGES, SCORES, finite_number, read_config, read_json, read_overrides
+from jdiff.rundir import (COMPLETE, CONFIG, FAILED, HYDRA, IMAGES, SCORES, finite_number, read_config, read_json,
+                          read_overrides)
 from jdiff.scoring.final import METRICS
 
 STATUS_ORDER = {"complete": 0, "failed": 1, "broken": 2, "unfinished": 3}
@@ -439,6 +440,46 @@ def _check_sweep_dir(sweep_dir: Path) -> None:
     raise ReportError(f"{sweep_dir} is not a folder ({what}): {hint}")
 
 
+# How the start of each report file reads when jdiff wrote it: a file that does not is never replaced.
+REPORT_STARTS = {"scores.csv": "run,status,", "scores.md": "# Sweep ", "report.html": "<!DOCTYPE html><html><head>"}
+
+
+SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml", *REPORT_STARTS)  # Hydra's, Optuna's and the report
+
+
+def check_sweep_folder(sweep_dir: Path) -> None:
+    """A sweep goes only into a new or empty folder, or one of its own: Hydra's multirun.yaml in it, and beside the
+    run folders only a sweep's files (the report's written by jdiff)."""
+    sweep_dir = Path(os.path.abspath(sweep_dir))  # multirun/.. is the folder above, made or not
+    if not sweep_dir.exists() or (sweep_dir.is_dir() and not any(sweep_dir.iterdir())):
+        return
+    if not sweep_dir.is_dir():
+        raise ReportError(f"the sweep folder {sweep_dir} is a file: choose another sweep.name")
+    files = sorted(p.name for p in sweep_dir.iterdir() if not p.is_dir() and p.name not in SWEEP_FILES)
+    if files or not (sweep_dir / "multirun.yaml").is_file():
+        shown = ", ".join(files[:5]) or ", ".join(sorted(p.name for p in sweep_dir.iterdir())[:5])
+        raise ReportError(f"the sweep folder {sweep_dir} holds files that are not a jdiff sweep's ({shown}): "
+                          f"choose another sweep.name (a sweep goes into multirun/<sweep.name>/)")
+    _check_ours(sweep_dir)
+
+
+def _check_ours(sweep_dir: Path) -> None:
+    """The report goes only into a sweep folder, and replaces only report files jdiff wrote."""
+    if any((sweep_dir / name).exists() for name in (COMPLETE, FAILED, CONFIG)):
+        raise ReportError(f"{sweep_dir} is one run's folder, not a sweep's, and jdiff adds nothing to a run's folder: "
+                          f"give the sweep folder that holds it ({sweep_dir.parent})")
+    for name, start in REPORT_STARTS.items():
+        path = sweep_dir / name
+        if path.exists():
+            try:
+                ours = path.is_file() and path.read_text(encoding="utf-8", errors="replace")[:len(start)] == start
+            except OSError:
+                ours = False
+            if not ours:
+                raise ReportError(f"{path} is not a report jdiff wrote, so it is left as it is: move it away, or "
+                                  f"give another sweep folder")
+
+
 def write_report(sweep_dir: Path) -> list[RunRecord]:
     """Write scores.csv, scores.md and report.html into ``sweep_dir``; returns the runs, sorted.
 
@@ -448,6 +489,7 @@ def write_report(sweep_dir: Path) -> list[RunRecord]:
     """
     sweep_dir = Path(sweep_dir)
     _check_sweep_dir(sweep_dir)
+    _check_ours(sweep_dir)
     runs = find_runs(sweep_dir)
     texts = dict(zip(REPORT_FILES, (csv_text(runs), markdown(runs, sweep_dir), report_html(runs, sweep_dir))))
     for name, text in texts.items():

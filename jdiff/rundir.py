@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -118,6 +119,12 @@ def inspect(run_dir: Path) -> RunState:
         fix = f": give read permission (chmod -R u+rX {run_dir})" if isinstance(err, PermissionError) else ""
         return RunState(run_dir, "broken", problem=f"the run folder cannot be read ({err.strerror or err}){fix}")
     foreign = [n for n in names if n not in OUTPUTS + RECORD and not is_temporary(n)]
+    if (run_dir / IMAGES).is_dir():  # a run writes only PNGs there
+        foreign += [f"{IMAGES}/{p.name}" for p in sorted((run_dir / IMAGES).iterdir())
+                    if not (p.is_file() and p.suffix == ".png") and not is_temporary(p.name)]
+    if any(n in OUTPUTS for n in names) and not is_jdiff_config(run_dir / CONFIG):
+        # files named like a run's, without the config a run writes before any of them: not jdiff's
+        foreign += [n for n in names if n in OUTPUTS and n not in foreign]
     if COMPLETE in names:
         complete, problem = read_json(run_dir / COMPLETE)
         if complete is None:
@@ -137,6 +144,12 @@ def inspect(run_dir: Path) -> RunState:
     if any(n in OUTPUTS for n in names):
         return RunState(run_dir, "unfinished", foreign=foreign)
     return RunState(run_dir, "new", foreign=foreign)
+
+
+def is_jdiff_config(path: Path) -> bool:
+    """Whether ``path`` is the resolved config a jdiff run writes (a mapping with jdiff's top-level keys)."""
+    data, _ = read_config(path.parent) if path.name == CONFIG else (None, None)
+    return isinstance(data, dict) and {"style", "stages", "engine", "lora"} <= data.keys()
 
 
 def may_record(run_dir: Path, overwrite: bool) -> bool:
@@ -262,6 +275,35 @@ def writable(run_dir: Path) -> None:
         raise RunDirError(f"cannot write into {run_dir} ({err.strerror or err}); {WHERE}.") from err
 
 
+_held: dict[str, object] = {}
+
+
+def hold(run_dir: Path) -> bool:
+    """Take ``run_dir``'s lock until :func:`release` or the end of this process, or raise :class:`RunDirError`
+    when another process holds it: two runs never write into one folder at once. False: held already."""
+    from filelock import FileLock, Timeout
+
+    key = os.path.abspath(run_dir)
+    if key in _held:
+        return False
+    lock = FileLock(os.path.join(key, LOCK))
+    try:
+        Path(key).mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunDirError(f"{key} is being run by another process right now; wait for it to end, or {WHERE}.") from None
+    except OSError as err:
+        raise RunDirError(f"cannot lock {os.path.join(key, LOCK)} ({err.strerror or err}); {WHERE}.") from err
+    _held[key] = lock
+    return True
+
+
+def release(run_dir: Path) -> None:
+    lock = _held.pop(os.path.abspath(run_dir), None)
+    if lock is not None:
+        lock.release()
+
+
 def prepare(run_dir: Path, config: Optional[dict], overwrite: bool) -> RunState:
     """:func:`check`, then clear what an earlier attempt left (with ``overwrite``, its log too)."""
     state = check(run_dir, config, overwrite)
@@ -309,7 +351,8 @@ def record_dir(output_dir: str, overwrite) -> Optional[str]:
 
 
 def log_file(output_dir: str, overwrite) -> str:
-    """The run's log file, or the null device where :func:`record_dir` says Hydra may not write."""
-    import os
-
-    return str(Path(output_dir) / LOG) if may_record(Path(output_dir), bool(overwrite)) else os.devnull
+    """The run's log file, or the null device where :func:`record_dir` says Hydra may not write (or where the
+    log's place is taken by something that is not a file)."""
+    path = Path(output_dir) / LOG
+    usable = path.is_file() or not path.exists()
+    return str(path) if usable and may_record(Path(output_dir), bool(overwrite)) else os.devnull

@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from jdiff.data import (IMAGE_SUFFIXES, StyleDataError, collisions, image_file_name, is_hidden, list_images, load_rgb,
                         load_style)
 from jdiff.files import write_json
+from jdiff.rundir import COMPLETE, FAILED
 from jdiff.scoring.final import METRICS, final_score
 from jdiff.scoring.scorer import ScoreResult, Scorer, StyleImages
 from jdiff.validate import ConfigError, validate_config
@@ -123,6 +124,9 @@ def check_out(out: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise StyleDataError(f"cannot write the scores to {out}: no permission to write in {folder}. Give --out a "
                              f"path in a folder you can write.")
+    if (out.parent / COMPLETE).exists() or (out.parent / FAILED).exists():
+        raise StyleDataError(f"--out {out} is in the folder of a jdiff run ({out.parent}), whose files jdiff never "
+                             f"changes. Give --out a path outside it.")
     if out.exists() and not is_scores_file(out):
         raise StyleDataError(f"{out} exists and is not a scores file, so it is left as it is. Give --out another "
                              f"path, or remove the file.")

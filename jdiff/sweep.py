@@ -152,6 +152,9 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
     except Timeout:
         log.warning("[%s] %s is being run by another process; skipped here", label, run_dir)
         return None
+    except OSError as err:  # the lock's place is taken (a folder named .lock): the run is left as it is
+        log.error("[%s] not run: cannot lock %s (%s)", label, run_dir / rundir.LOCK, err.strerror or err)
+        return None
     try:
         state = rundir.inspect(run_dir)
         if state.status == "complete" and not cfg.overwrite:

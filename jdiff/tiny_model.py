@@ -506,6 +506,8 @@ def ensure_tiny_model(cache_root: Path, seed: int = 0, prediction_type: str = "v
     with FileLock(str(target) + ".lock"):
         if is_complete_tiny_model(target):
             return target
+        for stale in cache_root.glob(f".{target.name}.tmp-*"):  # builds killed midway; none runs now
+            shutil.rmtree(stale, ignore_errors=True)
         if target.exists():  # incomplete leftover: move aside, then delete
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=cache_root))
             os.rename(target, trash / "x")

@@ -64,6 +64,15 @@ def _check_present(cfg: DictConfig, schema, prefix: str = "") -> None:
             _check_present(cfg[f.name], type(default), key + ".")
 
 
+def check_placement(cfg: DictConfig) -> None:
+    """How many jobs run at once and on which GPUs (a sweep's launcher reads them before any job starts)."""
+    _check(cfg.n_jobs is None or cfg.n_jobs >= 1, "n_jobs", cfg.n_jobs, "run at least 1 job at a time, or null")
+    if cfg.gpus is not None:
+        gpus = list(cfg.gpus)
+        _check(all(str(g).strip() for g in gpus) and len(set(gpus)) == len(gpus), "gpus", gpus,
+               "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` on the first value that cannot work."""
     from jdiff.config import JdiffConfig
@@ -99,6 +108,9 @@ def validate_config(cfg: DictConfig) -> None:
                "alpha must be a number > 0, or null for alpha = rank")
     _check(lora.text_encoder_lr_ratio > 0, "lora.text_encoder_lr_ratio", lora.text_encoder_lr_ratio, "must be > 0")
     _check(len(lora.unet_targets) > 0, "lora.unet_targets", list(lora.unet_targets), "name at least one module")
+    _check(lora.text_encoder_rank == 0 or len(lora.text_encoder_targets) > 0, "lora.text_encoder_targets",
+           list(lora.text_encoder_targets), "name at least one module (q_proj, k_proj, v_proj, out_proj), or set "
+                                             "lora.text_encoder_rank=0")
     if "train" not in stages and ("generate" in stages):
         _check(
             lora.path is not None,
@@ -123,12 +135,17 @@ def validate_config(cfg: DictConfig) -> None:
     _check("{object}" in prior.template, "prior.template", prior.template, "it must contain {object}")
 
     aug = cfg.augment
-    _check(aug.crop_scale >= 1.0, "augment.crop_scale", aug.crop_scale, "must be >= 1.0 (1.0: no enlargement)")
+    _check(1.0 <= aug.crop_scale <= 2.0, "augment.crop_scale", aug.crop_scale,
+           "in [1, 2] (1.0: no enlargement; the reference method uses 1.04)")
     _check(0.0 <= aug.hflip <= 1.0, "augment.hflip", aug.hflip, "a probability in [0, 1]")
     _check(0.0 <= aug.rotate_degrees <= 180.0, "augment.rotate_degrees", aug.rotate_degrees, "degrees in [0, 180]")
 
     _one_of("init.mode", cfg.init.mode, INIT_MODES)
     _check(0.0 < cfg.init.strength <= 1.0, "init.strength", cfg.init.strength, "a strength in (0, 1]")
+    _check(cfg.init.mode != "avg_image" or cfg.infer.steps < 1 or int(cfg.init.strength * cfg.infer.steps) >= 1,
+           "init.strength",
+           cfg.init.strength, f"with infer.steps={cfg.infer.steps} it leaves no denoising step: use a strength of at "
+                              f"least 1/infer.steps ({1 / cfg.infer.steps:.3g}), or more steps")
 
     train = cfg.train
     _check(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
@@ -152,6 +169,8 @@ def validate_config(cfg: DictConfig) -> None:
     score = cfg.score
     for metric in score.metrics:
         _one_of("score.metrics", metric, KNOWN_METRICS)
+    _check(len(score.metrics) > 0 or "score" not in stages, "score.metrics", list(score.metrics),
+           f"name at least one of {', '.join(KNOWN_METRICS)} (score=hist needs no weights), or drop the score stage")
     device = str(score.device)
     _check(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
            "score.device", device, "use auto, cpu, cuda or cuda:N")
@@ -160,6 +179,15 @@ def validate_config(cfg: DictConfig) -> None:
     if score.clip_r_names is not None:
         _check(Path(score.clip_r_names).is_file(), "score.clip_r_names", score.clip_r_names,
                "no such file; give a text file of object names, one a line, or null for the challenge's 215")
+
+    for key, template in (("prior.template", prior.template), ("data.train_template", cfg.data.train_template),
+                          ("data.infer_template", cfg.data.infer_template),
+                          ("data.origin_template", cfg.data.origin_template)):
+        try:
+            template.format(object="Dolphin", style="00")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"{key}={template!r} is invalid: only {{object}} and {{style}} can be filled in "
+                              f"({type(err).__name__}: {err}); write other braces doubled, {{{{ and }}}}.") from err
 
     data = cfg.data
     _check(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution", data.resolution, "a multiple of 8")
@@ -199,11 +227,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check(engine.threads is None or engine.threads >= 1, "engine.threads", engine.threads,
            "a thread count >= 1, or null for every core")
 
-    _check(cfg.n_jobs is None or cfg.n_jobs >= 1, "n_jobs", cfg.n_jobs, "run at least 1 job at a time, or null")
-    if cfg.gpus is not None:
-        gpus = list(cfg.gpus)
-        _check(all(str(g).strip() for g in gpus) and len(set(gpus)) == len(gpus), "gpus", gpus,
-               "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
+    check_placement(cfg)
     if cfg.model.prediction_type is not None:
         _one_of("model.prediction_type", cfg.model.prediction_type, PREDICTION_TYPES)
     _check(cfg.model.builder in (None, *ARCHITECTURES), "model.builder", cfg.model.builder,

@@ -527,9 +527,12 @@ def test_demo_styles_deterministic_and_never_replace_other_files(tmp_path):
     b = tmp_path / "b"
     (b / "00").mkdir(parents=True)  # not a finished demo set: what is there may be the user's, and is kept
     (b / "00" / "junk.txt").write_text("half-written")
+    with pytest.raises(StyleDataError, match="unfinished demo set"):  # only demo style names: say so
+        write_demo_styles(b)
+    (b / "notes.txt").write_text("mine")
     with pytest.raises(StyleDataError, match="holds files jdiff did not write"):
         write_demo_styles(b)
-    assert [p.name for p in b.rglob("*")] == ["00", "junk.txt"]
+    assert sorted(p.name for p in b.rglob("*")) == ["00", "junk.txt", "notes.txt"]
     assert (b / "00" / "junk.txt").read_text() == "half-written"
     stale = tmp_path / ".c.building-x"  # left by a process killed while drawing set c
     (stale / "00").mkdir(parents=True)

@@ -226,6 +226,12 @@ def test_non_finite_metrics_are_never_a_complete_run(jdiff_root, tmp_path, monke
     (["init.strength=2"], ["init.strength"]),
     (["train.lr=${nope}"], ["train.lr cannot be resolved", "nope"]),
     (["lora.unet_alpha=inf"], ["lora.unet_alpha"]),
+    (["prior.template='an image of {object} {x}'"], ["prior.template", "{object} and {style}"]),
+    (["data.infer_template='{object} in {0}'"], ["data.infer_template"]),
+    (["init.strength=0.01"], ["init.strength=0.01", "no denoising step"]),
+    (["augment.crop_scale=10000"], ["augment.crop_scale"]),
+    (["score.metrics=[]"], ["score.metrics", "score=hist"]),
+    (["lora.text_encoder_rank=4", "lora.text_encoder_targets=[]"], ["lora.text_encoder_targets"]),
 ])
 def test_a_mistake_in_the_config_is_one_line_and_writes_nothing(tmp_path, cache, extra, words):
     done = jdiff_cli(quick(cache, *extra), tmp_path)
@@ -268,3 +274,69 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, cache):
 def test_a_sweep_run_redone_by_hand_needs_a_run_folder(tmp_path):
     done = jdiff_cli([tmp_path / "not_a_run"], tmp_path, module="jdiff.job")
     assert_one_line_error(done, "holds no config.yaml", "multirun/")
+
+
+def test_a_folder_that_only_looks_like_a_run_is_not_cleared(tmp_path, cache):
+    """Top-level names like a run's (images/) without the config a run writes first: somebody else's folder."""
+    folder = tmp_path / "mystuff"
+    (folder / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "images" / "holiday.jpg")
+    before = snapshot(folder)
+    assert_one_line_error(jdiff_cli(quick(cache, f"hydra.run.dir={folder}"), tmp_path), str(folder), "did not write")
+    assert snapshot(folder) == before
+
+
+def test_a_file_of_the_users_in_an_unfinished_runs_images_stops_the_resume(tmp_path, cache):
+    run_ok(tmp_path, quick(cache, "hydra.run.dir=r"))
+    (tmp_path / "r" / COMPLETE).unlink()
+    (tmp_path / "r" / "images" / "my_notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "r")
+    assert_one_line_error(jdiff_cli(quick(cache, "hydra.run.dir=r"), tmp_path), "images/my_notes.txt")
+    assert snapshot(tmp_path / "r") == before
+
+
+def test_two_runs_into_one_folder_at_once_never_mix(tmp_path, cache):
+    commands = [[sys.executable, "-m", "jdiff.main", *quick(cache, "hydra.run.dir=r", f"seed={seed}")]
+                for seed in (1, 2)]
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in commands]
+    done = [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in procs]
+    winners = [d for d in done if d.returncode == 0]
+    assert len(winners) == 1, [d.stderr[-1000:] for d in done]
+    loser = next(d for d in done if d.returncode != 0)
+    assert_one_line_error(loser, str(tmp_path / "r"))
+    seed = winners[0].args[-1]
+    assert f"\n{seed.replace('=', ': ')}\n" in (tmp_path / "r" / "config.yaml").read_text()
+    assert rundir.inspect(tmp_path / "r").status == "complete"
+
+
+def test_a_finished_run_redone_by_hand_is_refused_without_a_trace(finished):
+    before = snapshot(finished / "done")
+    assert_one_line_error(jdiff_cli([finished / "done"], finished, module="jdiff.job"), "finished run")
+    assert snapshot(finished / "done") == before
+
+
+def test_scores_are_never_written_into_a_runs_folder(finished, cache):
+    submission = finished / "submission" / "00"
+    submission.mkdir(parents=True, exist_ok=True)
+    for image in (finished / "done" / "images").iterdir():
+        (submission / image.name).write_bytes(image.read_bytes())
+    before = snapshot(finished / "done")
+    done = jdiff_cli([finished / "submission", "score=hist", f"data.root={cache / 'demo_styles'}", "--out",
+                      finished / "done" / "scores.json"], finished, module="jdiff.score")
+    assert_one_line_error(done, "folder of a jdiff run")
+    assert snapshot(finished / "done") == before
+
+
+def test_lora_targets_the_model_lacks_are_one_line(tmp_path, cache):
+    done = jdiff_cli(quick(cache, "lora.unet_targets=[bogus]", "hydra.run.dir=r"), tmp_path)
+    assert_one_line_error(done, "lora.unet_targets=['bogus']", "to_q", code=2)
+    assert not (tmp_path / "r" / COMPLETE).exists()
+
+
+def test_a_run_folder_holding_the_cache_is_refused(tmp_path, tiny_model_dir):
+    """paths.cache (here the default, ./data/cache) inside the run folder would be foreign files at a resume."""
+    done = jdiff_cli(["experiment=demo", "engine=torch", f"model.path={tiny_model_dir.parent}", "hydra.run.dir=."],
+                     tmp_path)
+    assert_one_line_error(done, "paths.cache=", "inside the run folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import jdiff_cli, snapshot
+from conftest import assert_one_line_error, jdiff_cli, snapshot
 from jdiff import rundir
 from jdiff.rundir import COMPLETE, FAILED, JOB
 
@@ -84,3 +84,30 @@ def test_one_damaged_run_never_stops_the_relaunch_or_the_report(swept, tmp_path)
     assert "scores.json" in rows["good"]["problem"] and "config.yaml" in rows["good"]["problem"]
     assert rows["diverging"]["status"] == "failed"
     assert (tmp_path / "multirun" / "lr" / "report.html").is_file()
+
+
+def test_a_sweep_never_writes_into_a_folder_of_somebody_elses(tmp_path, jdiff_root):
+    (tmp_path / "scores.csv").write_text("mine")
+    done = jdiff_cli(["-m", "experiment=demo", "engine=torch", "gpus=[]", "sweep.name=..", "style=00"], tmp_path)
+    assert_one_line_error(done, str(tmp_path), "scores.csv", "sweep.name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"] and (tmp_path / "scores.csv").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra,words", [(["n_jobs=0"], ["n_jobs=0"]), (["gpus=[0,0]"], ["gpus"])])
+def test_a_sweep_with_bad_placement_is_refused_before_it_starts(tmp_path, extra, words):
+    done = jdiff_cli(["-m", "experiment=demo", "engine=torch", "sweep.name=p", "seed=1,2", *extra], tmp_path)
+    assert_one_line_error(done, *words)
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_the_report_adds_nothing_to_a_run_folder_or_over_a_users_file(swept, tmp_path):
+    cwd, _ = swept
+    run = runs(cwd / "multirun" / "lr")["good"]
+    before = snapshot(run)
+    assert_one_line_error(jdiff_cli([run], tmp_path, module="jdiff.report"), "one run's folder")
+    assert snapshot(run) == before
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "report.html").write_text("my page")
+    assert_one_line_error(jdiff_cli([folder], tmp_path, module="jdiff.report"), "not a report jdiff wrote")
+    assert (folder / "report.html").read_text() == "my page"

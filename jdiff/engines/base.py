@@ -189,9 +189,16 @@ class Engine(abc.ABC):
         for prefix, (_, rank, alpha) in plan.items():
             check_rank_and_alpha(prefix, rank, alpha)
         for prefix, (targets, rank, alpha) in plan.items():
-            for name, layer in self._attach_new(prefix, targets, rank, alpha).items():
-                down = initial_down_weights(name, rank, layer.in_features, spec.seed)
-                self._set_adapter(layer, down, np.zeros((layer.out_features, rank), np.float32))
+            key = f"lora.{prefix}_targets"
+            try:
+                layers = self._attach_new(prefix, targets, rank, alpha)
+                for name, layer in layers.items():
+                    down = initial_down_weights(name, rank, layer.in_features, spec.seed)
+                    self._set_adapter(layer, down, np.zeros((layer.out_features, rank), np.float32))
+            except (ValueError, RuntimeError, AttributeError) as err:  # peft's, or a layer that is not linear
+                usual = "to_q, to_k, to_v, to_out.0" if prefix == "unet" else "q_proj, k_proj, v_proj, out_proj"
+                raise EngineError(f"{key}={list(targets)} cannot take LoRA adapters ({str(err)[:200]}); name linear "
+                                  f"layers of the {prefix}, such as {usual}.") from None
             self.lora_settings[prefix] = (rank, float(alpha))
 
     def load_lora(self, path: Path) -> None:
