@@ -142,10 +142,10 @@ def validate_config(cfg: DictConfig) -> None:
 
     _one_of("init.mode", cfg.init.mode, INIT_MODES)
     _check(0.0 < cfg.init.strength <= 1.0, "init.strength", cfg.init.strength, "a strength in (0, 1]")
-    _check(cfg.init.mode != "avg_image" or cfg.infer.steps < 1 or int(cfg.init.strength * cfg.infer.steps) >= 1,
-           "init.strength",
-           cfg.init.strength, f"with infer.steps={cfg.infer.steps} it leaves no denoising step: use a strength of at "
-                              f"least 1/infer.steps ({1 / cfg.infer.steps:.3g}), or more steps")
+    if cfg.init.mode == "avg_image" and cfg.infer.steps >= 1:
+        _check(int(cfg.init.strength * cfg.infer.steps) >= 1, "init.strength", cfg.init.strength,
+               f"with infer.steps={cfg.infer.steps} it leaves no denoising step: use a strength of at least "
+               f"1/infer.steps ({1 / cfg.infer.steps:.3g}), or more steps")
 
     train = cfg.train
     _check(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
