@@ -48,6 +48,7 @@ import sys
 import threading
 from pathlib import Path
 
+from jdiff.devices import Device, DeviceError, parse_device
 from jdiff.engines.base import EngineError
 
 NO_DOWNLOAD_SETTINGS = {
@@ -188,15 +189,19 @@ def check_cuda_toolkit() -> None:
         )
 
 
-def check_device(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda", "cuda:0"):
+def check_device(device: str) -> Device:
+    try:
+        parsed = parse_device(device, "engine.device")
+    except DeviceError as err:
+        raise EngineError(str(err)) from err
+    if parsed.index not in (None, 0):
         raise EngineError(f"engine.device={device!r}: the Jittor engine runs on auto, cpu or cuda (Jittor uses the "
                           f"first visible GPU: choose it with CUDA_VISIBLE_DEVICES).")
+    return parsed
 
 
 def use_device(jt, device: str) -> None:
-    check_device(device)
-    if device.startswith("cuda"):
+    if check_device(device).kind == "cuda":
         if not jt.has_cuda:
             raise EngineError(
                 f"engine.device={device} but Jittor has no CUDA here (nvcc_path={os.environ.get('nvcc_path')!r}, "
