@@ -38,6 +38,8 @@ from typing import Optional
 
 import numpy as np
 
+from jdiff import rundir
+
 VARIANTS = {
     "baseline": {},
     "torch": {"engine": "torch"},
@@ -309,7 +311,7 @@ def end_to_end(variant: str, args) -> dict:
     seconds = time.perf_counter() - started
     if done.returncode:
         return {"error": done.stderr[-2000:]}
-    stage_seconds = json.loads((run_dir / "COMPLETE").read_text()).get("stage_seconds")
+    stage_seconds = (rundir.inspect(run_dir).complete or {}).get("stage_seconds")
     return {"e2e_s": seconds, "train_steps": args.e2e_steps, "run_dir": str(run_dir), "stage_seconds": stage_seconds,
             **loop_speed(run_dir / "loss.csv")}
 

@@ -75,7 +75,7 @@ class LoraConfig:
 
 @dataclass
 class PriorConfig:
-    enabled: bool = False
+    enabled: bool = True
     weight: float = 1.0
     images_per_object: int = 8
     template: str = "an image of {object}"
@@ -92,7 +92,7 @@ class AugmentConfig:
 
 @dataclass
 class InitConfig:
-    mode: str = "noise"  # noise, avg_image
+    mode: str = "avg_image"  # avg_image, noise
     strength: float = 0.9  # img2img strength for avg_image
 
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import jdiff
 from jdiff import rundir
+from jdiff.devices import parse_device
 from jdiff.files import write_json, write_text
 from jdiff.pipeline import resolve_paths, resolved
 from jdiff.rundir import FAILED
@@ -178,11 +179,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
 
 
 def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
-    device = str(cfg.engine.device)
-    if device.startswith("cuda:") and device != "cuda:0":
+    device = parse_device(cfg.engine.device, "engine.device")
+    if device.index not in (None, 0):
         raise ConfigError(f"engine.device={device} cannot work in a sweep: each job sees only its own GPU, as "
                           "cuda:0. Choose the GPUs with gpus=[...] and leave engine.device=auto.")
-    gpus = [] if device == "cpu" else sweep_gpus(cfg.gpus)
+    gpus = [] if device.kind == "cpu" else sweep_gpus(cfg.gpus)
     write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     with hold_gpu(Path(cfg.paths.cache) / "locks", gpus) as gpu:
         code = run_child(run_dir, gpu, label)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jdiff.config import STAGES
+from jdiff.devices import DeviceError, parse_device
 from jdiff.engines.base import triton_interpreting
 from jdiff.lora_file import check_adapter_file
 from jdiff.tiny_model import ARCHITECTURES
@@ -45,6 +46,13 @@ def _one_of(key: str, value, allowed) -> None:
 
 MAX_RANK = 1024  # SD's attention layers are 320 to 1280 wide; the reference method's best rank is 32
 MAX_SEED = 2**32 - 1
+
+
+def _device(value, key: str) -> None:
+    try:
+        parse_device(value, key)
+    except DeviceError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _check_present(cfg: DictConfig, schema, prefix: str = "") -> None:
@@ -171,9 +179,7 @@ def validate_config(cfg: DictConfig) -> None:
         _one_of("score.metrics", metric, KNOWN_METRICS)
     _check(len(score.metrics) > 0 or "score" not in stages, "score.metrics", list(score.metrics),
            f"name at least one of {', '.join(KNOWN_METRICS)} (score=hist needs no weights), or drop the score stage")
-    device = str(score.device)
-    _check(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
-           "score.device", device, "use auto, cpu, cuda or cuda:N")
+    _device(score.device, "score.device")
     _check(score.batch_size >= 1, "score.batch_size", score.batch_size, "must be >= 1")
     _one_of("score.fid_feature", score.fid_feature, FID_FEATURES)
     if score.clip_r_names is not None:
@@ -217,13 +223,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check(engine.group_norm != "triton" or str(engine.device) != "cpu" or triton_interpreting(),
            "engine.group_norm", engine.group_norm,
            "the Triton GroupNorm runs on CUDA GPUs: use engine.group_norm=native with engine.device=cpu")
-    device = str(engine.device)
-    _check(
-        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
-        "engine.device",
-        device,
-        "use auto, cpu, cuda or cuda:N",
-    )
+    _device(engine.device, "engine.device")
     _check(engine.threads is None or engine.threads >= 1, "engine.threads", engine.threads,
            "a thread count >= 1, or null for every core")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jdiff.engines.jittor import tensor_core_attention  # noqa: E402
+from jdiff.engines.jittor.fast import tensor_core_attention  # noqa: E402
 
 HEAD_DIM = 64
 # (name, batch x heads, query tokens, key tokens): training (batch 2) and sampling (batch 10: 5 images, CFG)

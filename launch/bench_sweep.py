@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jdiff import rundir  # noqa: E402
 
 
 def sweep(root: Path, name: str, ranks: list[int], overrides: list[str]) -> float:
@@ -33,9 +36,11 @@ def sweep(root: Path, name: str, ranks: list[int], overrides: list[str]) -> floa
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"sweep {name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    failed = list((root / "multirun" / name).glob("*/FAILED"))
+    states = [rundir.inspect(p) for p in (root / "multirun" / name).iterdir() if p.is_dir()]
+    failed = [s for s in states if s.status != "complete"]
     if failed:
-        sys.exit(f"sweep {name}: {len(failed)} runs failed, e.g. {failed[0].read_text()}")
+        sys.exit(f"sweep {name}: {len(failed)} runs did not finish, e.g. {failed[0].path}: "
+                 f"{failed[0].failure or failed[0].problem or failed[0].status}")
     return seconds
 
 

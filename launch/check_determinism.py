@@ -26,18 +26,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jdiff import rundir  # noqa: E402
 from jdiff.sweep import job_environment  # noqa: E402
 
 
 def run(root: Path, label: str, engine: str, deterministic: bool, gpu: str | None, extra: list[str]) -> Path:
     out = root / label
     command = [sys.executable, "-m", "jdiff.main", "experiment=demo", f"engine={engine}", "score=hist",
-               f"deterministic={str(deterministic).lower()}", f"paths.cache={out / 'cache'}",
+               f"deterministic={str(deterministic).lower()}", f"paths.cache={root / (label + '-cache')}",
                f"hydra.run.dir={out}", *extra]
     if gpu is None:
         command.append("engine.device=cpu")
     done = subprocess.run(command, cwd=root, env=job_environment(gpu), capture_output=True, text=True)
-    if done.returncode != 0 or not (out / "COMPLETE").exists():
+    if done.returncode != 0 or rundir.inspect(out).status != "complete":
         sys.exit(f"run {label} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return out
 

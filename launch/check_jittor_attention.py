@@ -57,7 +57,8 @@ def main() -> int:
     except EngineError as err:
         print(f"no Jittor on CUDA here: {err}")
         return 2
-    from jdiff.engines.jittor import blocks, fused_attention
+    from jdiff.engines.jittor import blocks
+    from jdiff.engines.jittor.fast import fused_attention
 
     torch = torch_with_cuda()
     results = {"device": device_name(torch), "jittor": jt.__version__, "python": platform.python_version(),

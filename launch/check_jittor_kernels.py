@@ -55,7 +55,8 @@ def main() -> int:
     except EngineError as err:
         print(f"no Jittor on CUDA here: {err}")
         return 2
-    from jdiff.engines.jittor import blocks, kernels
+    from jdiff.engines.jittor import blocks
+    from jdiff.engines.jittor.fast import kernels
 
     def run(what, x, upstream, layer):
         y = blocks.channels_last(x) if what is None else layer(x)

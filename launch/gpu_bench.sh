@@ -73,8 +73,8 @@ torch_track() {
 jittor_track() {
   export PYTHONPATH=$JITTOR_PATH CUDA_VISIBLE_DEVICES=$LAST
   step "Jittor on CUDA 13: patch and verify"
-  python3 -m jdiff.engines.jittor.cuda13 apply > "$OUT/cuda13_apply.txt" 2>&1; grep -v "^\[i\|^\[w\|^ " "$OUT/cuda13_apply.txt" | head -40
-  python3 -m jdiff.engines.jittor.cuda13 apply 2>&1 | grep -E "nothing to change|verified|FAILED"  # idempotent
+  python3 -m jdiff.engines.jittor.fast.cuda13 apply > "$OUT/cuda13_apply.txt" 2>&1; grep -v "^\[i\|^\[w\|^ " "$OUT/cuda13_apply.txt" | head -40
+  python3 -m jdiff.engines.jittor.fast.cuda13 apply 2>&1 | grep -E "nothing to change|verified|FAILED"  # idempotent
   if [ -n "${ATTENTION:-}" ]; then
     step "Jittor fused attention check"
     timeout 600 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -30

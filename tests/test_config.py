@@ -415,3 +415,29 @@ def test_cli_broken_style_folder(tmp_path, broken, expected):
     proc, _ = run_cli(tmp_path, "style=03", "lora.unet_rank=32", f"data.root={root}")
     assert expected in proc.stderr, proc.stderr
     _no_model_built(tmp_path)
+
+
+def test_defaults_have_one_source():
+    """A group option states only what it changes: the schema (jdiff/config.py) holds every default, so the
+    two can never contradict each other."""
+    import dataclasses
+
+    from jdiff import config as schema
+
+    groups = {"lora": schema.LoraConfig, "prior": schema.PriorConfig, "augment": schema.AugmentConfig,
+              "init": schema.InitConfig, "train": schema.TrainConfig, "infer": schema.InferConfig,
+              "score": schema.ScoreConfig, "data": schema.DataConfig, "engine": schema.EngineConfig,
+              "model": schema.ModelConfig}
+    for group, cls in groups.items():
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        for option in _options(group):
+            values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+            restated = [k for k, v in values.items() if k != "defaults" and k in defaults and v == defaults[k]]
+            assert not restated, f"conf/{group}/{option}.yaml restates the schema's defaults of {restated}"
+    # The primary config picks the options whose values the schema's defaults are.
+    cfg = OmegaConf.load(CONF / "config.yaml")
+    picked = {k: v for d in cfg.defaults if isinstance(d, dict) or OmegaConf.is_dict(d) for k, v in d.items()}
+    assert picked["prior"] == "on" and schema.PriorConfig().enabled
+    assert picked["init"] == "avg_image" and schema.InitConfig().mode == "avg_image"

@@ -428,7 +428,7 @@ def test_importing_jittor_leaves_the_process_signals_and_children_alone():
 
 def fake_cuda13_machine(tmp_path: Path):
     """A copy of the installed Jittor's files the patch touches, a CUDA folder and a pip-style cuDNN 9."""
-    from jdiff.engines.jittor import cuda13
+    from jdiff.engines.jittor.fast import cuda13
 
     real = cuda13.jittor_package()
     package = tmp_path / "jittor"
@@ -454,7 +454,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def test_cuda13_patch_applies_once_and_reverts_to_the_same_bytes(tmp_path):
-    from jdiff.engines.jittor import cuda13
+    from jdiff.engines.jittor.fast import cuda13
 
     package, cuda, cudnn = fake_cuda13_machine(tmp_path)
     before = snapshot(package)
@@ -491,11 +491,11 @@ def test_jittor_on_unpatched_cuda13_says_which_command_fixes_it(tmp_path):
     done = run_python(code, pythonpath=[ROOT], extra_env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
-    assert "CUDA 13.0" in last_line and "python -m jdiff.engines.jittor.cuda13 apply" in last_line, last_line
+    assert "CUDA 13.0" in last_line and "python -m jdiff.engines.jittor.fast.cuda13 apply" in last_line, last_line
 
 
 def test_cuda13_need_is_read_from_the_sources(tmp_path, monkeypatch):
-    from jdiff.engines.jittor import cuda13
+    from jdiff.engines.jittor.fast import cuda13
 
     package, cuda, cudnn = fake_cuda13_machine(tmp_path)
     monkeypatch.setattr(cuda13, "cuda_version", lambda home: (13, 0))

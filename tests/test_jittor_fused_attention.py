@@ -1,4 +1,4 @@
-"""The fused attention kernel (jdiff/engines/jittor/fused_attention.py) through its CPU build: the same tiling,
+"""The fused attention kernel (jdiff/engines/jittor/fast/fused_attention.py) through its CPU build: the same tiling,
 online softmax and two-pass backward as the CUDA kernels, checked against the unfused ``blocks.attention``
 and a float64 numpy reference, forward and the three gradients."""
 
@@ -11,7 +11,8 @@ from jdiff.engines.jittor.env import import_jittor
 
 jt = import_jittor("cpu")
 
-from jdiff.engines.jittor import blocks, fused_attention, tensor_core_attention  # noqa: E402
+from jdiff.engines.jittor import blocks  # noqa: E402
+from jdiff.engines.jittor.fast import fused_attention, tensor_core_attention  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs difference, float32
 

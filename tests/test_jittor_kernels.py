@@ -1,4 +1,4 @@
-"""The transpose and GroupNorm kernels (jdiff/engines/jittor/kernels.py) through their CPU builds: the same
+"""The transpose and GroupNorm kernels (jdiff/engines/jittor/fast/kernels.py) through their CPU builds: the same
 arithmetic as the CUDA kernels, checked against float64 numpy and Jittor's unfused ops, forward and gradients,
 and the UNet giving the same output either way."""
 
@@ -15,7 +15,8 @@ jt = import_jittor("cpu")
 
 from jittor import nn  # noqa: E402
 
-from jdiff.engines.jittor import blocks, kernels  # noqa: E402
+from jdiff.engines.jittor import blocks  # noqa: E402
+from jdiff.engines.jittor.fast import kernels  # noqa: E402
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """engine.compile=replay: the Jittor engine's training step and sampling UNet calls recorded once and replayed
-from Jittor's execution plan (jdiff/engines/jittor/replay.py), against the same engine run eagerly (tiny model,
+from Jittor's execution plan (jdiff/engines/jittor/fast/replay.py), against the same engine run eagerly (tiny model,
 CPU, where the same recorder is built against cpu_headers/)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ jt = import_jittor("cpu")
 
 from jdiff.engines.jittor.engine import JittorEngine  # noqa: E402
 from jdiff.engines.jittor.lora import lora_parameters  # noqa: E402
-from jdiff.engines.jittor.replay import Replay, extension  # noqa: E402
+from jdiff.engines.jittor.fast.replay import Replay, extension  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def train(engine: JittorEngine, model_dir, lrs=(1e-3, 5e-4, 2e-3)) -> list[np.nd
 @pytest.fixture(params=["auto", "fused"], ids=["jittor-ops", "jdiff-kernels"])
 def kernel_mode(request, monkeypatch):
     """On the CPU jdiff's own kernels (GroupNorm, transposes) run only when forced; on CUDA they always do."""
-    import jdiff.engines.jittor.kernels as kernels
+    import jdiff.engines.jittor.fast.kernels as kernels
 
     monkeypatch.setattr(kernels, "MODE", request.param)
     return request.param

@@ -82,7 +82,7 @@ def test_generate_stage_reuses_a_saved_adapter(jdiff_root, full_run, tmp_path):
 
 def test_a_replayed_run_gives_the_eager_run_s_results(jdiff_root, full_run, tmp_path, monkeypatch):
     """engine.compile=replay through the whole pipeline: the same losses, adapters and images as the eager run."""
-    from jdiff.engines.jittor.replay import Replay
+    from jdiff.engines.jittor.fast.replay import Replay
 
     recorded, record = [], Replay.record
     monkeypatch.setattr(Replay, "record", lambda self, inputs: recorded.append(self.name) or record(self, inputs))

@@ -303,7 +303,7 @@ def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_pre
     ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
     results where the framework has deterministic kernels, at some cost in speed; ``compile``: the
     torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager, "cuda-graphs"), or the Jittor
-    engine's "replay" of recorded execution plans (see jdiff.engines.jittor.replay); ``group_norm`` and
+    engine's "replay" of recorded execution plans (see jdiff.engines.jittor.fast.replay); ``group_norm`` and
     ``channels_last``: the torch engine's GroupNorm kernels and memory format (see TorchEngine).
     """
     if name == "torch":

@@ -33,15 +33,13 @@ class MetricUnavailable(RuntimeError):
 
 def pick_device(device: str):
     """The torch device for ``score.device`` (auto: the GPU when there is one)."""
-    import torch
+    from jdiff.devices import DeviceError, torch_device
+    from jdiff.validate import ConfigError
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from jdiff.validate import ConfigError
-
-        raise ConfigError(f"score.device={device} but PyTorch sees no CUDA GPU here; use score.device=cpu or auto.")
-    return torch.device(device)
+    try:
+        return torch_device(device, "score.device")
+    except DeviceError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _offline(allow_download: bool) -> bool:

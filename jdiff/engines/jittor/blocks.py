@@ -25,7 +25,7 @@ from typing import Optional
 import jittor as jt
 from jittor import nn
 
-from jdiff.engines.jittor import fused_attention, kernels
+from jdiff.engines.jittor.fast import fused_attention, kernels
 
 
 def silu(x: jt.Var) -> jt.Var:

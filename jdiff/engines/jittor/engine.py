@@ -12,7 +12,7 @@ network back to float32 (Jittor computes a float32-float16 operation in float32)
 
 ``compile=replay`` (engine.compile): the whole training step (VAE encoding, UNet forward and backward, loss
 scaling, clipping, AdamW) and each sampling UNet call are recorded once and replayed from Jittor's execution
-plan (:mod:`jdiff.engines.jittor.replay`). The step is then a function of its inputs: the adapters and their
+plan (:mod:`jdiff.engines.jittor.fast.replay`). The step is then a function of its inputs: the adapters and their
 AdamW moments go in and come out updated, and the numbers that change between steps (bias corrections,
 learning rates, the loss scale) go in as a small array, computed on the host as Jittor's AdamW computes them.
 """
@@ -34,7 +34,7 @@ jt = import_jittor()  # before the modules below import Jittor: they find its en
 
 from jdiff.engines.jittor.lora import (LoraLinear, adapter_linears, adapter_of, attach_lora,  # noqa: E402
                                        lora_layers, lora_parameters)
-from jdiff.engines.jittor.replay import Replay, device_arrays, extension  # noqa: E402
+from jdiff.engines.jittor.fast.replay import Replay, device_arrays, extension  # noqa: E402
 from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402

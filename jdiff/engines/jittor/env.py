@@ -48,6 +48,7 @@ import sys
 import threading
 from pathlib import Path
 
+from jdiff.devices import Device, DeviceError, parse_device
 from jdiff.engines.base import EngineError
 
 NO_DOWNLOAD_SETTINGS = {
@@ -139,7 +140,7 @@ def import_quietly():
     if in_main_thread:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if os.environ.get("nvcc_path") != "":  # CUDA mode: the cuDNN that `cuda13 apply` linked in, if it did
-        from jdiff.engines.jittor.cuda13 import preload_cudnn
+        from jdiff.engines.jittor.fast.cuda13 import preload_cudnn
 
         preload_cudnn()
     try:
@@ -177,26 +178,30 @@ def check_cuda_toolkit() -> None:
     """Jittor 1.3.11 cannot build against CUDA 13 unpatched: say so before it compiles for minutes and fails."""
     if os.environ.get("nvcc_path") == "":  # CPU-only mode: no CUDA code is built
         return
-    from jdiff.engines.jittor import cuda13
+    from jdiff.engines.jittor.fast import cuda13
 
     if cuda13.needs_patch():
         version = ".".join(map(str, cuda13.cuda_version(cuda13.cuda_home())))
         raise EngineError(
             f"this GPU machine has CUDA {version}, which Jittor 1.3.11 cannot build against as installed. Run "
-            "`python -m jdiff.engines.jittor.cuda13 apply` once (it patches Jittor's sources, reversibly, and "
+            "`python -m jdiff.engines.jittor.fast.cuda13 apply` once (it patches Jittor's sources, reversibly, and "
             "checks the result), or use engine=torch, or engine.device=cpu."
         )
 
 
-def check_device(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda", "cuda:0"):
+def check_device(device: str) -> Device:
+    try:
+        parsed = parse_device(device, "engine.device")
+    except DeviceError as err:
+        raise EngineError(str(err)) from err
+    if parsed.index not in (None, 0):
         raise EngineError(f"engine.device={device!r}: the Jittor engine runs on auto, cpu or cuda (Jittor uses the "
                           f"first visible GPU: choose it with CUDA_VISIBLE_DEVICES).")
+    return parsed
 
 
 def use_device(jt, device: str) -> None:
-    check_device(device)
-    if device.startswith("cuda"):
+    if check_device(device).kind == "cuda":
         if not jt.has_cuda:
             raise EngineError(
                 f"engine.device={device} but Jittor has no CUDA here (nvcc_path={os.environ.get('nvcc_path')!r}, "

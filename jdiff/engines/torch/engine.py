@@ -21,6 +21,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from jdiff.devices import DeviceError, torch_device
 from jdiff.engines.base import (Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory,
                                triton_interpreting, uint8_images)
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
@@ -33,11 +34,10 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EngineError(f"engine.device={device} but PyTorch sees no CUDA GPU here; use engine.device=cpu or auto.")
-    return torch.device(device)
+    try:
+        return torch_device(device, "engine.device")
+    except DeviceError as err:
+        raise EngineError(str(err)) from err
 
 
 def configure_torch(threads: Optional[int], deterministic: bool) -> None:

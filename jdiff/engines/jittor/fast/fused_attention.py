@@ -18,7 +18,7 @@ Algorithm (one row of queries at a time, keys and values streamed in tiles):
   77 text tokens), the query range is split over several blocks ("splits") whose partial dK/dV are summed
   in a fixed order afterwards, so the GPU still gets enough blocks.
 All arithmetic is float32, whatever the inputs' dtype. On CUDA, float16 inputs with a head_dim that is a multiple
-of 16 take the tensor-core kernels of :mod:`jdiff.engines.jittor.tensor_core_attention` instead: the same
+of 16 take the tensor-core kernels of :mod:`jdiff.engines.jittor.fast.tensor_core_attention` instead: the same
 passes, with the tile products on tensor cores (float16 operands, float32 accumulators).
 
 The numeric core (the per-row steps and the tile loads) is C++ written once, ``__host__ __device__`` under
@@ -34,7 +34,7 @@ from typing import Optional
 
 import jittor as jt
 
-from jdiff.engines.jittor import tensor_core_attention
+from jdiff.engines.jittor.fast import tensor_core_attention
 
 MODE = "auto"
 MODES = ("auto", "fused", "unfused")
@@ -80,7 +80,8 @@ def check_inputs(q: jt.Var, k: jt.Var, v: jt.Var) -> None:
     head_dim = q.shape[-1]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"fused attention serves head_dim <= {MAX_HEAD_DIM}, got {head_dim}: set "
-                         "jdiff.engines.jittor.fused_attention.MODE = 'auto' (or 'unfused') to use the unfused path")
+                         "jdiff.engines.jittor.fast.fused_attention.MODE = 'auto' (or 'unfused') "
+                         "to use the unfused path")
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != head_dim or min(q.shape[2], k.shape[2]) < 1:
         raise ValueError(f"fused attention: q {q.shape}, k {k.shape}, v {v.shape} do not match (same batch, "
                          "heads and head_dim; k and v the same token count; at least one token)")

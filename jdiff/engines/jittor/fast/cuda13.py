@@ -1,9 +1,9 @@
 """Make an installed Jittor 1.3.x build and run on CUDA 13 / cuDNN 9 machines.
 
-    python -m jdiff.engines.jittor.cuda13 apply     # patch, then verify on the GPU
-    python -m jdiff.engines.jittor.cuda13 status    # what is applied, nothing changed
-    python -m jdiff.engines.jittor.cuda13 verify    # a conv, a softmax, a where on the GPU; cuDNN loaded
-    python -m jdiff.engines.jittor.cuda13 revert    # put every file back as it was
+    python -m jdiff.engines.jittor.fast.cuda13 apply     # patch, then verify on the GPU
+    python -m jdiff.engines.jittor.fast.cuda13 status    # what is applied, nothing changed
+    python -m jdiff.engines.jittor.fast.cuda13 verify    # a conv, a softmax, a where on the GPU; cuDNN loaded
+    python -m jdiff.engines.jittor.fast.cuda13 revert    # put every file back as it was
 
 Jittor 1.3.11 was written for CUDA <= 12 and cuDNN 8. On CUDA 13 (CCCL 3) and cuDNN 9 its JIT compiler fails
 in five places, all fixed here by small edits of Jittor's installed sources:
@@ -299,14 +299,15 @@ print("cuDNN    loaded")
 
 def verify() -> bool:
     """Run the checks in a fresh process (Jittor reads its setup once per process)."""
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[4]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", VERIFY], env=env)
     return done.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jdiff.engines.jittor.cuda13", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.engines.jittor.fast.cuda13",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["apply", "status", "verify", "revert"])
     args = parser.parse_args(argv)
     try:

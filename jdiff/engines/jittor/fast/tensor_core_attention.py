@@ -1,6 +1,6 @@
 """The float16 CUDA kernels of the fused attention on tensor cores (flash-attention style).
 
-API (used by :mod:`jdiff.engines.jittor.fused_attention`, which chooses between these and its scalar kernels):
+API (used by :mod:`.fused_attention` beside it, which chooses between these and its scalar kernels):
     serves(q) -> whether these kernels take q (float16 on CUDA, head_dim a multiple of 16, at most 128)
     header(head_dim) -> the CUDA header for one head_dim
     FORWARD_SRC, BACKWARD_SRC: the jt.code sources; the same inputs and outputs as the scalar kernels
