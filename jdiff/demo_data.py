@@ -17,6 +17,7 @@ from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from jdiff.data import StyleDataError
+from jdiff.files import inside
 
 DEMO_STYLES = {
     # style id: (palette, motif, reference objects, objects to generate)
@@ -120,8 +121,3 @@ def write_demo_styles(root: Path, cache: Path | None = None) -> Path:
                 shutil.rmtree(tmp)
     return root
 
-
-def inside(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it (both made absolute; links not followed)."""
-    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
-    return path == folder or folder in path.parents

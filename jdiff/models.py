@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from jdiff.files import inside
+
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -41,8 +43,6 @@ def resolve_model_dir(model: DictConfig, cache: Path | None = None) -> Path:
 
 def check_build_path(model: DictConfig, cache: Path | None) -> None:
     """A built model's ``model.path`` exists, or lies inside ``cache`` (where a missing folder may be made)."""
-    from jdiff.demo_data import inside
-
     path = Path(os.path.expanduser(model.path))
     if model.builder is not None and cache is not None and not path.is_dir() and not inside(path, Path(cache)):
         raise ModelNotFoundError(

@@ -30,7 +30,7 @@ from jdiff.contact_sheet import contact_sheet
 from jdiff.data import StyleDataError, image_file_name, load_rgb, load_style
 from jdiff.demo_data import check_demo_root, write_demo_styles
 from jdiff.engines.base import Engine, EngineError, LoraSpec, create_engine
-from jdiff.files import save_png, write_json, write_text
+from jdiff.files import inside, save_png, write_json, write_text
 from jdiff.generate import generate_images
 from jdiff.lora_file import check_adapter_file
 from jdiff.models import ModelNotFoundError, check_build_path, resolve_model_dir
@@ -194,8 +194,6 @@ def check_before_run(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
 def check_places(cfg: DictConfig, run_dir: Path) -> None:
     """What the run reads and keeps must not be inside its own folder: a resumed or overwritten run would find
     it as foreign files, or delete it."""
-    from jdiff.demo_data import inside
-
     places = {"paths.cache": cfg.paths.cache, "data.root": cfg.data.root}
     if cfg.lora.path is not None:
         places["lora.path"] = cfg.lora.path

@@ -147,14 +147,10 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
     if state.foreign:  # not even a lock file goes there
         log.error("[%s] not run: %s; jdiff writes only into its own run folders", label, state.foreign_problem)
         return None
-    run_lock = FileLock(str(run_dir / rundir.LOCK))
     try:
-        run_lock.acquire(timeout=0)
-    except Timeout:
-        log.warning("[%s] %s is being run by another process; skipped here", label, run_dir)
-        return None
-    except OSError as err:  # the lock's place is taken (a folder named .lock): the run is left as it is
-        log.error("[%s] not run: cannot lock %s (%s)", label, run_dir / rundir.LOCK, err.strerror or err)
+        rundir.hold(run_dir)  # another process running it, or the lock's place taken: the run is left as it is
+    except rundir.RunDirError as err:
+        log.warning("[%s] skipped here: %s", label, err)
         return None
     try:
         state = rundir.inspect(run_dir)
@@ -175,7 +171,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
             record_failure(run_dir, label, type(err).__name__, str(err))
             return None
     finally:
-        run_lock.release()
+        rundir.release(run_dir)
 
 
 def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
