@@ -39,7 +39,7 @@ def test_bench_checks_each_speed_path_against_the_fp32_engine(tmp_path, capsys):
 
 
 def test_ab_script_runs_each_tree_in_turn_on_one_cache(tmp_path):
-    """launch/ab_bench.sh: the bench from tree A, then from tree B (its own jdiff package, not the checkout's),
+    """bench/ab_bench.sh: the bench from tree A, then from tree B (its own jdiff package, not the checkout's),
     sharing one model cache; a folder that is not a jdiff tree is refused before anything runs."""
     import os
     import shutil
@@ -51,7 +51,7 @@ def test_ab_script_runs_each_tree_in_turn_on_one_cache(tmp_path):
     other = tmp_path / "other"
     shutil.copytree(root / "jdiff", other / "jdiff", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "OUT": str(tmp_path / "ab"), "AB_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(root / "launch" / "ab_bench.sh"), str(root), str(other), "1", "--",
+    done = subprocess.run(["bash", str(root / "bench" / "ab_bench.sh"), str(root), str(other), "1", "--",
                            "--model", "tiny", "--device", "cpu", "--resolution", "64", "--sections", "train",
                            "--variants", "torch", "--steps", "1", "--warmup", "1"],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -61,7 +61,7 @@ def test_ab_script_runs_each_tree_in_turn_on_one_cache(tmp_path):
         assert result["machine"]["jdiff"] == str(tree / "jdiff")
         assert result["results"]["torch"]["train"]["steps_per_s"] > 0
     assert done.stdout.count("| torch |") == 2
-    refused = subprocess.run(["bash", str(root / "launch" / "ab_bench.sh"), str(root), str(tmp_path), "--",
+    refused = subprocess.run(["bash", str(root / "bench" / "ab_bench.sh"), str(root), str(tmp_path), "--",
                               "--sections", "train"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "not a jdiff source tree" in refused.stderr
 

@@ -108,16 +108,14 @@ def test_tensor_core_kernels_only_where_their_shared_memory_fits():
 
 def test_tensor_core_kernels_compile_for_ampere_and_hopper():
     """The CPU tests cannot run the tensor-core kernels; nvcc can still build them (the header the engine hands
-    to jt.code, with launch/bench_attention_forward.py's harness) for sm_80 and sm_90."""
+    to jt.code, with python -m jdiff.bench.attention_forward's harness) for sm_80 and sm_90."""
     import shutil
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from conftest import REPO, jdiff_cli
 
     if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
         pytest.skip("no CUDA toolkit (nvcc) on this machine")
-    script = Path(__file__).resolve().parents[1] / "launch" / "bench_attention_forward.py"
     for arch in ("80", "90"):
-        built = subprocess.run([sys.executable, str(script), "--compile-only", "--arch", arch], capture_output=True,
-                               text=True, timeout=600)
+        built = jdiff_cli(["--compile-only", "--arch", arch], REPO, module="jdiff.bench.attention_forward")
         assert built.returncode == 0 and f"built for sm_{arch}" in built.stdout, built.stdout[-3000:]

@@ -27,7 +27,7 @@ computes only when something asks for them (they are frozen in LoRA training).
 
 Each kernel has CPU loops with the same per-element arithmetic (the GroupNorm forward's statistics in one
 double-precision loop a group, not in chunks), so the CPU tests run the formulas and the gradient wiring; the
-CUDA kernels are checked on the GPU by ``launch/check_jittor_kernels.py``.
+CUDA kernels are checked on the GPU by ``python -m jdiff.bench.jittor_kernels``.
 """
 
 from __future__ import annotations

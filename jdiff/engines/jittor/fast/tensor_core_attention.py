@@ -23,8 +23,8 @@ flash attention does); softmax statistics, the running output and every accumula
 
 These kernels run only on a GPU (compute capability 8.0 or later, with enough shared memory per block for the
 head_dim: ``serves`` checks both, and anything else takes the scalar kernels). They share no code with the
-scalar kernels, so the CPU tests do not run them: ``launch/check_jittor_attention.py`` checks them on a GPU
-against a float64 reference (its float16 cases); ``launch/bench_attention_forward.py`` builds the forward
+scalar kernels, so the CPU tests do not run them: ``python -m jdiff.bench.jittor_attention`` checks them on a GPU
+against a float64 reference (its float16 cases); ``python -m jdiff.bench.attention_forward`` builds the forward
 kernel alone with nvcc (no Jittor) and checks and times it.
 """
 
@@ -60,7 +60,7 @@ def shared_memory_limit(archs) -> int:
 
 
 def serves(q) -> bool:
-    import jittor as jt  # here: header() needs no Jittor (launch/bench_attention_forward.py builds with nvcc)
+    import jittor as jt  # here: header() needs no Jittor (jdiff.bench.attention_forward builds with nvcc)
 
     head_dim = q.shape[-1]
     if not (jt.flags.use_cuda and str(q.dtype) == "float16" and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM):

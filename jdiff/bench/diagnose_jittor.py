@@ -1,9 +1,9 @@
 """Where a Jittor training step's wall time goes on the GPU (#6): the host or the device.
 
-    python launch/diagnose_jittor.py [--parts step,conv] [--variant jittor-fp16] [--steps 6] [--out diag.json]
-    python launch/diagnose_jittor.py --parts step --model tiny --resolution 64 --device cpu   # a smoke run
-    python launch/diagnose_jittor.py --parts replay,kernels --variant jittor-fp16-replay --steps 20
-    perf record -g python launch/diagnose_jittor.py --parts host --device cpu --steps 40   # any machine
+    python -m jdiff.bench.diagnose_jittor [--parts step,conv] [--variant jittor-fp16] [--steps 6] [--out diag.json]
+    python -m jdiff.bench.diagnose_jittor --parts step --model tiny --resolution 64 --device cpu   # a smoke run
+    python -m jdiff.bench.diagnose_jittor --parts replay,kernels --variant jittor-fp16-replay --steps 20
+    perf record -g python -m jdiff.bench.diagnose_jittor --parts host --device cpu --steps 40   # any machine
 
 ``step``: the forward and backward pass of one training step (the reference method's, as ``python -m
 jdiff.bench`` builds it: SD 2.1 architecture, random weights, 512 px, UNet LoRA rank 32) in three phases,
@@ -201,7 +201,8 @@ def conv_layouts(dtype: str = "float16", calls: int = 10) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.diagnose_jittor",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="step,conv", help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--variant", default="jittor-fp16", help="a Jittor variant of python -m jdiff.bench",
                         choices=[v for v in bench.VARIANTS if v.startswith("jittor")])

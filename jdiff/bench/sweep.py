@@ -1,9 +1,9 @@
 """Benchmark (not a test): the same sweep of N short tiny-model runs, one job at a time and two at a time.
 
-    python launch/bench_sweep.py                    # CPU: n_jobs=1, then n_jobs=2 (no GPU)
-    python launch/bench_sweep.py --gpus 0,1         # a 2-GPU machine: gpus=[0], then gpus=[0,1]
-    python launch/bench_sweep.py --runs 8 --train-steps 20 --threads 1
-    python launch/bench_sweep.py --gpus 0,1 engine=torch   # extra arguments: overrides for every run
+    python -m jdiff.bench.sweep                   # CPU: n_jobs=1, then n_jobs=2 (no GPU)
+    python -m jdiff.bench.sweep --gpus 0,1        # a 2-GPU machine: gpus=[0], then gpus=[0,1]
+    python -m jdiff.bench.sweep --runs 8 --train-steps 20 --threads 1
+    python -m jdiff.bench.sweep --gpus 0,1 engine=torch   # extra arguments: overrides for every run
 
 Each sweep is the real command (``python -m jdiff.main -m ...``, joblib launcher, a process per run) in a
 scratch root. A one-run warm-up first builds the tiny model, the demo styles and the class images, so the
@@ -21,16 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import jdiff
+from jdiff import rundir
 
-from jdiff import rundir  # noqa: E402
+SOURCE = str(Path(jdiff.__file__).resolve().parents[1])  # each run imports the same jdiff as this process
 
 
 def sweep(root: Path, name: str, ranks: list[int], overrides: list[str]) -> float:
     command = [sys.executable, "-m", "jdiff.main", "-m", f"sweep.name={name}",
                "lora.unet_rank=" + ",".join(map(str, ranks)), *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SOURCE, os.environ.get("PYTHONPATH")) if p)}
     started = time.perf_counter()
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -45,7 +45,8 @@ def sweep(root: Path, name: str, ranks: list[int], overrides: list[str]) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.sweep",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=6, help="runs per sweep (LoRA ranks 1..N)")
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--infer-steps", type=int, default=5)

@@ -1,6 +1,6 @@
 """Check and time the fused Jittor attention on CUDA at Stable Diffusion 2.1's attention shapes (512 px, batch 2).
 
-    PYTHONPATH=. python launch/check_jittor_attention.py --out attention.json [--repeats 10]
+    python -m jdiff.bench.jittor_attention --out attention.json [--repeats 10]
 
 For each case (self-attention at 64x64, 32x32, 16x16 and 8x8 latent tokens, and cross-attention from those
 to 77 text tokens; head_dim 64) in float32 and float16 (float16 runs the tensor-core kernels):
@@ -31,10 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jdiff.engines.base import EngineError  # noqa: E402
-from jdiff.engines.jittor.env import import_jittor  # noqa: E402
+from jdiff.engines.base import EngineError
+from jdiff.engines.jittor.env import import_jittor
 
 HEAD_DIM = 64
 TEXT_TOKENS = 77
@@ -47,7 +45,8 @@ NAMES = ("out", "dq", "dk", "dv")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.jittor_attention",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="check_jittor_attention.json", help="where to write the JSON results")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (the median is kept)")
     args = parser.parse_args()

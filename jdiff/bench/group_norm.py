@@ -4,7 +4,7 @@ For each shape: the largest relative error of the output and of dx against PyTor
 time of forward and of forward + backward for PyTorch (NCHW input; channels-last input, which it converts)
 and for the Triton kernels (NCHW; channels-last). Ratios are to PyTorch on NCHW, in the same run.
 
-    python launch/check_group_norm.py [--dtype bf16] [--out gn.json]
+    python -m jdiff.bench.group_norm [--dtype bf16] [--out gn.json]
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def run(shape, dtype) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.group_norm",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

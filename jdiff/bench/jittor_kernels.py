@@ -1,7 +1,7 @@
 """Check and time jdiff's transpose and GroupNorm kernels, and its size-keeping convolution's input gradient
 (``blocks.Conv2d``), for Jittor on CUDA at SD 2.1's shapes (512 px, batch 2).
 
-    PYTHONPATH=. python launch/check_jittor_kernels.py [--repeats 10] [--out kernels.json]
+    python -m jdiff.bench.jittor_kernels [--repeats 10] [--out kernels.json]
 
 Each case runs with ``kernels.MODE = "fused"`` (the CUDA kernels) and ``"unfused"`` (Jittor's own ops), in
 float32 and float16 (the convolutions in float16 only; weights in float16 too, as the fp16 engine has them), on
@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jdiff.engines.base import EngineError  # noqa: E402
-from jdiff.engines.jittor.env import import_jittor  # noqa: E402
+from jdiff.engines.base import EngineError
+from jdiff.engines.jittor.env import import_jittor
 
 LIMITS = {"float32": 1e-5, "float16": 4e-3}
 # (name, input shape, what): None for the transpose, GroupNorm's group count, or ("conv", output channels,
@@ -42,7 +40,8 @@ CASES = [("channels_last 320x64x64", (2, 320, 64, 64), None), ("channels_last 12
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.jittor_kernels",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="JSON results")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the CPU loops (slow at these sizes; there Jittor's "

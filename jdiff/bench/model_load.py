@@ -1,6 +1,6 @@
 """Where the torch engine's model loading time goes, on this machine (#6: one style end to end).
 
-    python launch/time_model_load.py data/cache/bench/models/<sd21_random folder> [--dtype bf16]
+    python -m jdiff.bench.model_load data/cache/bench/models/<sd21_random folder> [--dtype bf16]
 
 Times, one model at a time: reading the safetensors into a model (CPU), the move to the GPU, and loading
 straight onto the GPU (``device_map``); then the whole ``TorchEngine`` load.
@@ -19,7 +19,8 @@ from jdiff.engines.torch.engine import DTYPES, TorchEngine
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.model_load",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     args = parser.parse_args()

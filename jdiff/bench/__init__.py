@@ -21,6 +21,22 @@ Variants: ``baseline`` is plain diffusers + peft in fp32 the way the reference D
 (text encoder and VAE every step, a loss.item() every step); the others are jdiff engines with settings
 (see VARIANTS). The model is ``model=sd21_random``: the SD 2.1 architecture at full size with random weights
 (weights do not change the cost). Prints a table, ratios to the baseline last, and writes JSON (--out).
+
+The package's other benchmarks and GPU diagnostics, each ``python -m jdiff.bench.<name> --help``:
+
+    sweep              N tiny-model runs one at a time, then two at a time (or on 1 GPU, then 2); the speed-up
+    scoring            the scoring's speed: 15 styles x 25 images, cold and warm caches, each metric alone
+    determinism        GPU: the demo run again, deterministic, on another GPU and on the CPU; how far apart
+    profile_train      GPU: the torch or Jittor profiler over a few training steps of a variant above
+    model_load         GPU: where the torch engine's load time goes
+    group_norm         GPU: the torch engine's Triton GroupNorm against PyTorch's at SD 2.1 shapes
+    jittor_attention   GPU: the Jittor engine's fused attention against a float64 reference, and its speed
+    jittor_kernels     GPU: the Jittor engine's transpose, GroupNorm and convolution kernels against Jittor's ops
+    attention_forward  GPU, without Jittor: the float16 attention forward kernel built with nvcc, checked, timed
+    diagnose_jittor    GPU: a Jittor step's time split between the host and the device; cuDNN convolutions
+
+The shell scripts that run them on a GPU machine (all of docs/benchmarks.md's measurements; A against B from two
+source trees) are in the checkout's bench/ folder.
 """
 
 from __future__ import annotations
@@ -182,7 +198,7 @@ def load(variant: str, model_dir: Path, device: str):
 
 def loaded_with_batches(variant: str, model: str, resolution: int, device: str, cache: str = "data/cache/bench"):
     """A variant loaded as ``measure`` loads it, and four batches of the reference training step: for the scripts
-    under launch/ that look inside one variant's steps."""
+    beside this one that look inside one variant's steps (profile_train, diagnose_jittor)."""
     from jdiff.tiny_model import ensure_tiny_model
 
     model_dir = ensure_tiny_model(Path(cache) / "models", architecture=model)
@@ -381,7 +397,7 @@ def run_child(variant: str, section: str, argv: list[str]) -> dict:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "host": platform.node(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jdiff": str(Path(__file__).resolve().parent)}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jdiff": str(Path(__file__).resolve().parents[1])}
     try:
         info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                      capture_output=True, text=True, timeout=30).stdout.strip()
@@ -493,6 +509,3 @@ def main(argv: Optional[list[str]] = None) -> int:
               or "error" in sections.get("check", {})]
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

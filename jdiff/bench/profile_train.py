@@ -1,8 +1,8 @@
 """Where a training step's time goes (#6): a profiler over a few steps of one bench variant.
 
-    python launch/profile_train.py --variant torch-bf16-cudagraphs-triton-cl
-    python launch/profile_train.py --variant jittor-fp16 --steps 5 --rows 30
-    python launch/profile_train.py --variant jittor --model tiny --resolution 64 --device cpu   # a smoke run
+    python -m jdiff.bench.profile_train --variant torch-bf16-cudagraphs-triton-cl
+    python -m jdiff.bench.profile_train --variant jittor-fp16 --steps 5 --rows 30
+    python -m jdiff.bench.profile_train --variant jittor --model tiny --resolution 64 --device cpu   # a smoke run
 
 Loads the variant the way ``python -m jdiff.bench`` does (SD 2.1 architecture with random weights at 512 px
 by default, UNet LoRA rank 32), runs warm-up steps (compiling, for compiled variants and Jittor), then
@@ -79,7 +79,8 @@ def jittor_profile(run_steps, steps: int, rows: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.profile_train",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="torch-bf16-cudagraphs-triton-cl", choices=list(bench.VARIANTS))
     parser.add_argument("--model", default="sd21_random", choices=["sd21_random", "tiny"])
     parser.add_argument("--device", default="cuda")

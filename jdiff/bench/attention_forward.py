@@ -1,7 +1,7 @@
 """Check and time the float16 attention forward kernel alone: built with nvcc from the same header the Jittor
 engine compiles (``tensor_core_attention.header``), without Jittor, at SD 2.1's attention shapes.
 
-    python launch/bench_attention_forward.py [--arch 90] [--compile-only] [--out forward.json]
+    python -m jdiff.bench.attention_forward [--arch 90] [--compile-only] [--out forward.json]
 
 Each case fills q, k, v with normal float16 values and the outputs with NaN, runs the kernel twice (the two
 outputs must be bitwise equal), compares the output and the log-sum-exp of 10 rows (the first and last
@@ -23,9 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jdiff.engines.jittor.fast import tensor_core_attention  # noqa: E402
+from jdiff.engines.jittor.fast import tensor_core_attention
 
 HEAD_DIM = 64
 # (name, batch x heads, query tokens, key tokens): training (batch 2) and sampling (batch 10: 5 images, CFG)
@@ -144,7 +142,8 @@ def source(repeats: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.attention_forward",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=None, help="compute capability as 80, 90, ... (default: this GPU's)")
     parser.add_argument("--compile-only", action="store_true", help="build the kernel and the harness, run nothing")
     parser.add_argument("--repeats", type=int, default=20)

@@ -44,27 +44,27 @@ JS=${JITTOR_SECTIONS:-bench profile kernels determinism}
 if want "$PARTS" sweeps; then
   if [ "$GPUS" -ge 2 ]; then
     step "sweeps: one GPU, then two"
-    python3 launch/bench_sweep.py --runs 4 --gpus 0,1 engine=torch 2>&1 | tail -8
+    python3 -m jdiff.bench.sweep --runs 4 --gpus 0,1 engine=torch 2>&1 | tail -8
   fi
   step "determinism, engine=torch"
-  python3 launch/check_determinism.py --engine torch --out "$OUT/determinism_torch.json" 2>&1 | tail -12
+  python3 -m jdiff.bench.determinism --engine torch --out "$OUT/determinism_torch.json" 2>&1 | tail -12
 fi
 
 torch_track() {
   export PYTHONPATH=$TORCH_PATH CUDA_VISIBLE_DEVICES=0
   if want "$TS" group_norm; then step "the Triton GroupNorm against PyTorch's, SD 2.1 shapes"
-    python3 launch/check_group_norm.py --out "$OUT/group_norm.json" 2>&1 | tail -45; fi
+    python3 -m jdiff.bench.group_norm --out "$OUT/group_norm.json" 2>&1 | tail -45; fi
   if want "$TS" check; then step "bench: the speed paths against the fp32 torch engine"
     bench --sections check --variants ${TORCH_CHECK:-torch,torch-cudagraphs,torch-bf16-cudagraphs,torch-bf16-cudagraphs-triton-cl} --out "$OUT/check_torch.json"; fi
   touch "$OUT/reference_ready"
   want "$TS" train && { late "torch training" || { step "bench: torch training"
     bench --sections train --variants ${TORCH_TRAIN:-baseline,torch,torch-bf16-cudagraphs,torch-bf16-cudagraphs-triton-cl} --out "$OUT/train_torch.json"; }; }
   want "$TS" scoring && { late "scoring" || { step "scoring speed"
-    python3 launch/bench_scoring.py --size full --device cuda 2>&1 | tail -20; }; }
+    python3 -m jdiff.bench.scoring --size full --device cuda 2>&1 | tail -20; }; }
   want "$TS" generate && { late "torch generation" || { step "bench: torch generation"
     bench --sections generate --variants ${TORCH_GEN:-baseline,torch-bf16-cudagraphs,torch-bf16-cudagraphs-triton-cl} --out "$OUT/generate_torch.json"; }; }
   want "$TS" profile && { late "profile" || { step "profile: ${TORCH_PROFILE:-torch-bf16-cudagraphs-triton-cl}"
-    python3 launch/profile_train.py --variant ${TORCH_PROFILE:-torch-bf16-cudagraphs-triton-cl} 2>&1 | grep -v "^\\[" | head -60; }; }
+    python3 -m jdiff.bench.profile_train --variant ${TORCH_PROFILE:-torch-bf16-cudagraphs-triton-cl} 2>&1 | grep -v "^\\[" | head -60; }; }
   want "$TS" e2e && { late "end to end" || { step "bench: one style end to end"
     bench --sections e2e --variants ${E2E:-torch-bf16-cudagraphs-triton-cl} --out "$OUT/e2e.json"; }; }
   step "torch track done"
@@ -77,27 +77,27 @@ jittor_track() {
   python3 -m jdiff.engines.jittor.fast.cuda13 apply 2>&1 | grep -E "nothing to change|verified|FAILED"  # idempotent
   if [ -n "${ATTENTION:-}" ]; then
     step "Jittor fused attention check"
-    timeout 600 python3 launch/check_jittor_attention.py --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -30
+    timeout 600 python3 -m jdiff.bench.jittor_attention --out "$OUT/attention.json" 2>&1 | grep -v "^\[i\|^\[w" | tail -30
   fi
   if [ -n "${KERNELS:-}" ]; then
     step "Jittor transpose and GroupNorm kernels check"
-    timeout 600 python3 launch/check_jittor_kernels.py --out "$OUT/kernels.json" 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -16
+    timeout 600 python3 -m jdiff.bench.jittor_kernels --out "$OUT/kernels.json" 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -16
   fi
   if want "$PARTS" torch; then  # the torch reference for the check section
     while [ ! -e "$OUT/reference_ready" ] && [ "$(date +%s)" -lt "$END" ]; do sleep 5; done
   fi
   for variant in ${JITTOR_PROFILE:-jittor-fp16}; do
     want "$JS" profile && { late "$variant profile" || { step "profile: $variant"
-      python3 launch/profile_train.py --variant $variant --steps 5 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -40; }; }
+      python3 -m jdiff.bench.profile_train --variant $variant --steps 5 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -40; }; }
   done
   want "$JS" kernels && { late "kernel times" || { step "kernel times of a replayed step (CUPTI)"
-    python3 launch/diagnose_jittor.py --parts kernels --variant jittor-fp16-replay --steps 5 --out "$OUT/kernels_replay.json" 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -28; }; }
+    python3 -m jdiff.bench.diagnose_jittor --parts kernels --variant jittor-fp16-replay --steps 5 --out "$OUT/kernels_replay.json" 2>&1 | grep -v "^\\[i\\|^\\[w" | tail -28; }; }
   for variant in ${JITTOR_VARIANTS:-jittor jittor-fp16 jittor-fp16-replay}; do
     want "$JS" bench && { late "$variant" || { step "bench: $variant"
       bench --sections ${JITTOR_BENCH:-check,train,generate} --variants $variant --out "$OUT/$variant.json"; }; }
   done
   want "$JS" determinism && { late "jittor determinism" || { step "determinism, engine=jittor"
-    python3 launch/check_determinism.py --engine jittor --gpus $LAST --out "$OUT/determinism_jittor.json" 2>&1 | tail -12; }; }
+    python3 -m jdiff.bench.determinism --engine jittor --gpus $LAST --out "$OUT/determinism_jittor.json" 2>&1 | tail -12; }; }
   step "jittor track done"
 }
 

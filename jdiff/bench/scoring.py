@@ -1,7 +1,7 @@
 """Benchmark of the scoring: 15 styles x 25 generated images against each style's 10 references.
 
-    python launch/bench_scoring.py                       # tiny metric models, CPU
-    python launch/bench_scoring.py --size full --device cuda   # real architectures, random weights
+    python -m jdiff.bench.scoring                       # tiny metric models, CPU
+    python -m jdiff.bench.scoring --size full --device cuda   # real architectures, random weights
 
 Prints numbers, checks nothing. Measured, in one process on the same images:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jdiff.data import load_style  # noqa: E402
-from jdiff.scoring.final import METRICS, final_score  # noqa: E402
-from jdiff.scoring.scorer import Scorer, StyleImages  # noqa: E402
-from jdiff.scoring.tiny_models import TINY_METRICS_VERSION, ensure_tiny_metric_models  # noqa: E402
+from jdiff.data import load_style
+from jdiff.scoring.final import METRICS, final_score
+from jdiff.scoring.scorer import Scorer, StyleImages
+from jdiff.scoring.tiny_models import TINY_METRICS_VERSION, ensure_tiny_metric_models
 
 
 def build_full_size(folder: Path) -> Path:
@@ -138,7 +135,8 @@ def checker_way(scorer: Scorer, style: StyleImages) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.scoring",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--styles", type=int, default=15)
     parser.add_argument("--images", type=int, default=25)
     parser.add_argument("--data", type=Path, default=Path("data/styles"), help="style folders (else the demo's)")

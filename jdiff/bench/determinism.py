@@ -1,8 +1,8 @@
 """How repeatable a run is on this machine's GPUs (#5): the same config and seed, run again, on another GPU, and
 with ``deterministic=true``; every output compared with the first run's.
 
-    python launch/check_determinism.py                       # engine=torch, GPU 0 (and GPU 1 if there is one)
-    python launch/check_determinism.py --engine jittor --out det_jittor.json
+    python -m jdiff.bench.determinism                        # engine=torch, GPU 0 (and GPU 1 if there is one)
+    python -m jdiff.bench.determinism --engine jittor --out det_jittor.json
 
 Each run is the real command (``python -m jdiff.main experiment=demo ...``: class images, training, images,
 the Hist score) in its own folder with its own cache, so the class images are made again too. Compared:
@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jdiff import rundir  # noqa: E402
-from jdiff.sweep import job_environment  # noqa: E402
+from jdiff import rundir
+from jdiff.sweep import job_environment
 
 
 def run(root: Path, label: str, engine: str, deterministic: bool, gpu: str | None, extra: list[str]) -> Path:
@@ -67,7 +65,8 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jdiff.bench.determinism",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="torch", choices=("torch", "jittor"))
     parser.add_argument("--gpus", default=None, help="GPU ids to use, e.g. 0,1 (default: all this machine shows)")
     parser.add_argument("--root", type=Path, default=None)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A against B on one machine in one call: `python -m jdiff.bench` with the same arguments from two jdiff source
 # trees, interleaved (A B A B ...), so that a change is measured against its baseline on the same card.
-#   launch/ab_bench.sh TREE_A TREE_B [ROUNDS] -- BENCH_ARGS...
+#   bench/ab_bench.sh TREE_A TREE_B [ROUNDS] -- BENCH_ARGS...
 # A tree is a checkout, or a revision unpacked with `git archive REV | tar -x -C DIR` (carry it to the device
 # machine as an ignored path). Each run imports jdiff from its tree (PYTHONPATH; the working directory is an
 # empty folder, so neither tree shadows the other) and shares one model cache, $AB_CACHE (default
@@ -18,7 +18,9 @@ if [ "$1" != "--" ]; then ROUNDS=$1; shift; fi
 [ "${1:-}" == "--" ] || usage
 shift
 for tree in "$A" "$B"; do
-  [ -f "$tree/jdiff/bench.py" ] || { echo "$tree has no jdiff/bench.py: not a jdiff source tree" >&2; exit 2; }
+  # jdiff/bench.py before the bench became a package, so that a change can be run against an older baseline
+  [ -f "$tree/jdiff/bench/__init__.py" ] || [ -f "$tree/jdiff/bench.py" ] ||
+    { echo "$tree has no jdiff/bench: not a jdiff source tree" >&2; exit 2; }
 done
 OUT=$(realpath -m "${OUT:-ab_out}"); mkdir -p "$OUT"
 CACHE=$(realpath -m "${AB_CACHE:-data/cache/bench}")
