@@ -1,4 +1,6 @@
-"""Sampling one image per prompt object of a style; image k's noise depends only on (seed, k)."""
+"""Sampling: the denoising loop of the method (classifier-free guidance, the origin-prompt blend, the img2img
+start), written once for every engine, and one image per prompt object of a style, image k's noise depending
+only on (seed, k)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from tqdm import tqdm
 
 from jdiff.augment import to_model_range
 from jdiff.data import StyleSet, average_style_image, image_file_name
-from jdiff.engines.base import Engine, GenerateRequest
+from jdiff.engines.base import Engine, GenerateRequest, uint8_images
 from jdiff.files import save_png
 from jdiff.noise import SAMPLE, gaussian, stream
+from jdiff.samplers import img2img_skip
 
 
 def sampling_seed(cfg: DictConfig, style: StyleSet) -> int:
@@ -57,3 +60,44 @@ def sampling_request(engine: Engine, cfg: DictConfig, style: StyleSet, chunk: li
         negative_prompt=cfg.infer.negative_prompt,
         sampler=cfg.infer.sampler,
     )
+
+
+def denoise(engine: Engine, req: GenerateRequest) -> list[np.ndarray]:
+    """Sample ``req``'s images with ``engine``'s primitives (see :class:`jdiff.engines.base.Engine`): uint8 arrays
+    (H, W, 3), one per prompt. ``Engine.generate`` runs this inside the engine's sampling context (no gradients,
+    its out-of-memory advice).
+
+    - Text: the prompts' states, blended towards the origin prompts' by ``origin_scale`` (0: the style prompt
+      alone, 1: the plain prompt's).
+    - Start: pure noise, or (img2img, SDEdit) the init image encoded and noised to the timestep where the last
+      int(steps * strength) steps begin.
+    - Each step: with guidance > 1 the unconditional (negative-prompt) and conditional predictions come from one
+      batch of twice the size, and are mixed as uncond + guidance * (cond - uncond); then the sampler's step.
+    - End: the VAE decodes; non-finite images are refused (:func:`jdiff.engines.base.uint8_images`).
+    """
+    n = len(req.prompts)
+    sampler = engine.make_sampler(req.sampler)
+    timesteps = sampler.set_timesteps(req.steps)
+    states = engine.encode_prompts(req.prompts)
+    if req.origin_prompts is not None and req.origin_scale > 0:
+        states = states + req.origin_scale * (engine.encode_prompts(req.origin_prompts) - states)
+    guided = req.guidance_scale > 1.0
+    if guided:
+        states = engine.concat([engine.encode_prompts([req.negative_prompt] * n), states])
+    noise = engine.latents(req.noise)
+    if req.init_image is None:
+        latents = noise * sampler.init_noise_sigma
+    else:
+        timesteps = sampler.skip(img2img_skip(req.steps, req.strength))
+        clean = engine.encode_images(np.repeat(req.init_image[None], n, axis=0), req.init_posterior_noise)
+        latents = sampler.add_noise(clean, noise, timesteps[0])
+    for t in timesteps:
+        model_input = sampler.scale_model_input(engine.concat([latents, latents]) if guided else latents, t)
+        prediction = engine.sampling_prediction(model_input, t, states)
+        if guided:
+            uncond, cond = prediction[:n], prediction[n:]
+            prediction = uncond + req.guidance_scale * (cond - uncond)
+        latents = engine.step_done(sampler.step(prediction, t, latents))
+    return uint8_images(engine.decode(latents), req.prompts, mixed_precision=engine.mixed_precision,
+                        alternatives=[m for m in engine.fallback_precisions if m != engine.mixed_precision],
+                        adapted=bool(engine.lora_settings))

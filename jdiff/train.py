@@ -1,4 +1,4 @@
-"""The training loop of the reference method: one function to read top to bottom.
+"""The training of the reference method: the loss (:func:`diffusion_loss`) and the loop (:func:`train_lora`).
 
 Each step draws its own random numbers from (seed, step), so a step's batch and noise never depend on
 what came before it, and both engines train on exactly the same data.
@@ -74,6 +74,26 @@ def make_batch(step: int, cfg: DictConfig, style_views: list, style_prompts: lis
         noise=gaussian(rng, (b, *latent_shape)),
         posterior_noise=gaussian(rng, (b, *latent_shape)),
     )
+
+
+def diffusion_loss(engine: Engine, pixels, posterior_noise, states, noise, signal, noise_level, timesteps):
+    """The per-sample loss of a training batch, in ``engine``'s tensors (every engine's step computes it with this
+    function, its recorded steps included): the images' latents (a VAE posterior sample, no gradients) noised to
+    each sample's timestep, x_t = sqrt(alpha_bar) * x_0 + sqrt(1 - alpha_bar) * noise, and the mean squared
+    error of the UNet's prediction against its target, the noise (epsilon) or v = sqrt(alpha_bar) * noise -
+    sqrt(1 - alpha_bar) * x_0 (v_prediction, SD 2.1). ``signal`` and ``noise_level`` are sqrt(alpha_bar) and
+    sqrt(1 - alpha_bar) per sample; the step's loss is :func:`weighted_loss` of the result."""
+    latents = engine.encode_images(pixels, posterior_noise)
+    signal, noise_level = signal.reshape(-1, 1, 1, 1), noise_level.reshape(-1, 1, 1, 1)
+    prediction = engine.predict(signal * latents + noise_level * noise, timesteps, states)
+    target = noise if engine.prediction_type == "epsilon" else signal * noise - noise_level * latents
+    return ((prediction - target) ** 2).reshape(prediction.shape[0], -1).mean(1)
+
+
+def weighted_loss(per_sample, weights):
+    """The step's loss: the per-sample losses weighted (:func:`make_batch`: 1/n for each style image, prior.weight/n
+    for each class image) and summed."""
+    return (per_sample * weights).sum()
 
 
 def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list[np.ndarray],

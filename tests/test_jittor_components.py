@@ -23,7 +23,7 @@ from jdiff.engines.jittor.env import import_jittor
 jt = import_jittor("cpu")
 
 from jdiff.engines.jittor.blocks import GroupNorm, LayerNorm, ResnetBlock2D, nearest  # noqa: E402
-from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
+from jdiff.samplers import img2img_skip, make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.vae import AutoencoderKL  # noqa: E402
 from jdiff.engines.jittor.weights import load_weights  # noqa: E402
@@ -182,7 +182,8 @@ def test_sampler_trajectory_matches_diffusers(name, prediction_type, strength):
         start = 10 - min(int(10 * strength), 10)
         expected_timesteps = expected_timesteps[start:]
         sample = reference.add_noise(torch.from_numpy(clean), torch.from_numpy(noise), expected_timesteps[:1].repeat(2))
-        timesteps = ours.img2img_timesteps(10, strength)
+        ours.set_timesteps(10)
+        timesteps = ours.skip(img2img_skip(10, strength))
         start_latents = ours.add_noise(clean, noise, timesteps[0])
     else:
         sample = torch.from_numpy(noise) * reference.init_noise_sigma
@@ -194,7 +195,7 @@ def test_sampler_trajectory_matches_diffusers(name, prediction_type, strength):
         expected.append(reference.step(torch.from_numpy(out), t, expected[-1]).prev_sample)
     for to_array in (np.asarray, jt.array):
         latents = to_array(start_latents)
-        ours.img2img_timesteps(10, strength)  # a fresh run: resets PNDM's history
+        ours.set_timesteps(10)  # a fresh run: resets PNDM's history
         for i, (t, out) in enumerate(zip(timesteps, outputs)):
             assert_close_relative(as_numpy(latents), expected[i].numpy())
             latents = ours.step(to_array(out), t, ours.scale_model_input(latents, t))

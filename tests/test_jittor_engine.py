@@ -314,9 +314,10 @@ def test_running_out_of_gpu_memory_says_what_to_try_and_keeps_other_errors(tiny_
     assert message.startswith("out of GPU memory while training. Try engine.mixed_precision=fp16, ")
     assert "JDIFF_CUDNN_WORKSPACE_GIB" in message and "infer.batch_size" in message
     assert "Unable to alloc cuda device memory for size 4294967296" in message and "hold_vars" not in message
-    monkeypatch.setattr(engine, "_generate", fail(RuntimeError("CUDNN_STATUS_ALLOC_FAILED in cudnn_conv_op.cc")))
+    monkeypatch.setattr(engine, "make_sampler", fail(RuntimeError("CUDNN_STATUS_ALLOC_FAILED in cudnn_conv_op.cc")))
     with pytest.raises(EngineError, match="while generating images.*CUDNN_STATUS_ALLOC_FAILED"):
-        engine.generate(None)
+        engine.generate(GenerateRequest(prompts=["a cat"], noise=np.zeros((1, 4, 8, 8), np.float32), steps=1,
+                                        guidance_scale=1.0))
     monkeypatch.setattr(engine, "loss_terms", fail(RuntimeError("Wrong inputs arguments")))
     with pytest.raises(RuntimeError, match="^Wrong inputs arguments$") as caught:
         engine.train_step(training_batch(tiny_model_dir), 1e-4)

@@ -1,12 +1,17 @@
 """The engine interface: the tensor work behind jdiff, in whichever deep-learning framework.
 
-The core hands an engine plain numpy arrays (images, noise, timesteps) and gets numpy back, so both
+The method is not here: the training loss is :func:`jdiff.train.diffusion_loss`, the sampling loop
+:func:`jdiff.generate.denoise`, the samplers :mod:`jdiff.samplers`. An engine gives them primitives (load the
+model, encode prompts and images, predict with the attached adapters, decode, concatenate) and does what only a
+framework can: the optimiser step over the loss's gradients, recorded steps (CUDA graphs, Jittor's replay),
+memory. The core hands an engine plain numpy arrays (images, noise, timesteps) and gets numpy back, so both
 engines see the same random numbers and can be checked against each other.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +150,16 @@ class GenerateRequest:
 
 
 class Engine(abc.ABC):
-    """Loads a diffusers-format folder and does training and sampling for the core."""
+    """Loads a diffusers-format folder and gives the method its tensor primitives.
+
+    Tensors are the engine's own (torch tensors, Jittor Vars); the method uses only arithmetic, slicing,
+    ``reshape`` and ``mean`` on them, and the primitives below for everything else. Latents and predictions are
+    float32 whatever the model's precision: an engine casts at the networks' inputs and outputs.
+    """
 
     name: str
+    mixed_precision: str  # engine.mixed_precision
+    fallback_precisions: tuple[str, ...]  # the engine.mixed_precision values to suggest when half precision fails
     lora_settings: dict[str, tuple[int, float]]  # "unet" / "text_encoder" -> (rank, alpha) of the adapters
 
     @abc.abstractmethod
@@ -283,9 +295,55 @@ class Engine(abc.ABC):
         losses = self.train_step(batch, lr)
         return lambda: losses
 
+    # -- the primitives of the method -------------------------------------------------------------------
+
     @abc.abstractmethod
+    def encode_images(self, pixels, posterior_noise):
+        """Latents of images (B, 3, H, W) in [-1, 1]: a VAE posterior sample, mean + std * posterior_noise, scaled
+        into the UNet's latent space; float32, no gradients. Numpy arrays or the engine's tensors in."""
+
+    @abc.abstractmethod
+    def predict(self, latents, timesteps, states):
+        """The UNet's float32 prediction for (B, C, h, w) float32 ``latents`` at (B,) ``timesteps`` given text
+        ``states``, with the attached adapters; gradients flow to the adapters (in a training step)."""
+
+    @abc.abstractmethod
+    def sampling_prediction(self, latents, timestep, states):
+        """:meth:`predict` at one sampling timestep (an element of the sampler's timesteps) for the whole batch,
+        without gradients; recorded and replayed where the engine's compile mode does that."""
+
+    @abc.abstractmethod
+    def make_sampler(self, sampler: str):
+        """A sampler for infer.sampler ``sampler`` (model: the scheduler the model's config names), with the
+        interface of :mod:`jdiff.samplers`."""
+
+    @abc.abstractmethod
+    def latents(self, array: np.ndarray):
+        """A host float32 array as the engine's float32 tensor."""
+
+    @abc.abstractmethod
+    def concat(self, tensors: list):
+        """Tensors joined along the batch dimension."""
+
+    def step_done(self, latents):
+        """Called with the latents after each sampling step; an engine that builds lazy graphs runs the step
+        here (Jittor), so the loop does not grow one graph over all its steps."""
+        return latents
+
+    @abc.abstractmethod
+    def decode(self, latents) -> np.ndarray:
+        """Images (B, H, W, 3) as float32 numpy, nominally in [0, 1], from float32 latents."""
+
+    @abc.abstractmethod
+    def sampling(self) -> contextlib.AbstractContextManager:
+        """The context sampling runs in: no gradients, and the engine's advice when the GPU runs out of memory."""
+
     def generate(self, request: GenerateRequest) -> list[np.ndarray]:
-        """Sample images; returns uint8 (H, W, 3) arrays, one per prompt."""
+        """Sample images with the method's loop; returns uint8 (H, W, 3) arrays, one per prompt."""
+        from jdiff.generate import denoise  # the method lives with the stage that uses it, not in the engines
+
+        with self.sampling():
+            return denoise(self, request)
 
 
 def triton_interpreting() -> bool:

@@ -1,4 +1,5 @@
-"""The Jittor engine: jdiff's native Stable Diffusion (UNet, VAE, CLIP text encoder, DDIM) in Jittor.
+"""The Jittor engine: jdiff's native Stable Diffusion (UNet, VAE, CLIP text encoder) in Jittor, with jdiff's own
+samplers (:mod:`jdiff.samplers`); the primitives of jdiff's method in Jittor.
 
 It loads the same diffusers-format folder as the torch engine, by parameter name, and does the same
 arithmetic in the same order, so the two engines given the same weights and random numbers agree within
@@ -26,8 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from jdiff.engines.base import (Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory,
-                               uint8_images)
+from jdiff.engines.base import Engine, EngineError, OptimizerSettings, TrainBatch, out_of_memory
 from jdiff.engines.jittor.env import import_jittor, use_device
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
@@ -35,12 +35,13 @@ jt = import_jittor()  # before the modules below import Jittor: they find its en
 from jdiff.engines.jittor.lora import (LoraLinear, adapter_linears, adapter_of, attach_lora,  # noqa: E402
                                        lora_layers, lora_parameters)
 from jdiff.engines.jittor.fast.replay import Replay, device_arrays, extension  # noqa: E402
-from jdiff.engines.jittor.sampler import make_sampler  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
 from jdiff.engines.jittor.vae import AutoencoderKL  # noqa: E402
 from jdiff.lora_file import save_adapters  # noqa: E402
+from jdiff.samplers import make_sampler  # noqa: E402
 from jdiff.schedule import read_scheduler_config  # noqa: E402
+from jdiff.train import diffusion_loss, weighted_loss  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class DynamicLossScale:
 
 class JittorEngine(Engine):
     name = "jittor"
+    fallback_precisions = ("no",)
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                  prediction_type: Optional[str] = None, allow_pickle: bool = False, compile: str = "no"):
@@ -149,6 +151,10 @@ class JittorEngine(Engine):
     @property
     def prediction_type(self) -> str:
         return self._prediction_type
+
+    @property
+    def mixed_precision(self) -> str:
+        return "fp16" if self.dtype == "float16" else "no"
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = self.vae.downsampling_factor
@@ -235,27 +241,20 @@ class JittorEngine(Engine):
         return jt.stack(states)
 
     def encode_images(self, pixels, posterior_noise) -> jt.Var:
-        """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space (numpy arrays or
-        Jittor variables in)."""
         pixels, posterior_noise = (jt.array(a) if isinstance(a, np.ndarray) else a for a in (pixels, posterior_noise))
-        mean, std = self.vae.encode(pixels.cast(self.dtype))
-        return (mean.float32() + std.float32() * posterior_noise - self.vae.shift_factor) * self.vae.scaling_factor
+        with jt.no_grad():
+            mean, std = self.vae.encode(pixels.cast(self.dtype))
+            return (mean.float32() + std.float32() * posterior_noise - self.vae.shift_factor) * self.vae.scaling_factor
+
+    def predict(self, latents: jt.Var, timesteps: jt.Var, states: jt.Var) -> jt.Var:
+        return self.unet(latents.cast(self.dtype), timesteps, states).float32()
 
     def loss_terms(self, batch: TrainBatch) -> jt.Var:
-        """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
-        arrays = [jt.array(a) for a in (batch.pixels, batch.posterior_noise, batch.noise, batch.signal,
-                                        batch.noise_level, batch.timesteps)]
-        return self._loss_terms(*arrays, self.training_prompt_states(batch.prompts))
-
-    def _loss_terms(self, pixels, posterior_noise, noise, signal, noise_level, timesteps, states) -> jt.Var:
-        with jt.no_grad():
-            latents = self.encode_images(pixels, posterior_noise)
-        a = signal.reshape(-1, 1, 1, 1)
-        s = noise_level.reshape(-1, 1, 1, 1)
-        noisy = a * latents + s * noise
-        pred = self.unet(noisy.cast(self.dtype), timesteps, states).float32()
-        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
-        return ((pred - target) ** 2).mean(dims=(1, 2, 3))
+        """The per-sample losses of a batch (:func:`jdiff.train.diffusion_loss`)."""
+        pixels, posterior_noise, noise, signal, noise_level, timesteps = (jt.array(a) for a in (
+            batch.pixels, batch.posterior_noise, batch.noise, batch.signal, batch.noise_level, batch.timesteps))
+        return diffusion_loss(self, pixels, posterior_noise, self.training_prompt_states(batch.prompts), noise, signal,
+                              noise_level, timesteps)
 
     @property
     def _memory_tries(self) -> str:
@@ -273,7 +272,7 @@ class JittorEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_ratio"]
         per_sample = self.loss_terms(batch)
-        loss = (per_sample * jt.array(batch.weights)).sum()
+        loss = weighted_loss(per_sample, jt.array(batch.weights))
         if self.loss_scale is None:
             self.optimizer.backward(loss)
         elif not self.loss_scale.backward(self.optimizer, loss):
@@ -320,8 +319,8 @@ class JittorEngine(Engine):
         linears = self._adapter_linears()
         with self._adapters_bound(linears, params):
             states = self.text_encoder(text) if "text_encoder" in self.lora_settings else text
-            per_sample = self._loss_terms(pixels, posterior_noise, noise, signal, noise_level, timesteps, states)
-            loss = (per_sample * weights).sum()
+            per_sample = diffusion_loss(self, pixels, posterior_noise, states, noise, signal, noise_level, timesteps)
+            loss = weighted_loss(per_sample, weights)
             if self.loss_scale:
                 grads = [g / scalars[5] for g in jt.grad(loss * scalars[5], params)]
             else:
@@ -346,46 +345,35 @@ class JittorEngine(Engine):
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest) -> list[np.ndarray]:
+    def make_sampler(self, sampler: str):
+        return make_sampler(self.scheduler_config, sampler, self.prediction_type)
+
+    @contextlib.contextmanager
+    def sampling(self):
         with out_of_memory_hint("generating images", self._memory_tries), jt.no_grad():
-            return self._generate(request)
+            yield
 
-    def _generate(self, req: GenerateRequest) -> list[np.ndarray]:
-        n = len(req.prompts)
-        sampler = make_sampler(self.scheduler_config, req.sampler, self.prediction_type)
-        cond = self.encode_prompts(req.prompts)
-        if req.origin_prompts is not None and req.origin_scale > 0:
-            cond = cond + req.origin_scale * (self.encode_prompts(req.origin_prompts) - cond)
-        guided = req.guidance_scale > 1.0
-        states = jt.concat([self.encode_prompts([req.negative_prompt] * n), cond]) if guided else cond
-        noise = jt.array(req.noise)
-        if req.init_image is None:
-            timesteps = sampler.set_timesteps(req.steps)
-            latents = noise * sampler.init_noise_sigma
-        else:  # img2img (SDEdit): noise the encoded init image to the strength's timestep, denoise from there
-            timesteps = sampler.img2img_timesteps(req.steps, req.strength)
-            latents = self.encode_images(np.repeat(req.init_image[None], n, axis=0), req.init_posterior_noise)
-            latents = sampler.add_noise(latents, noise, timesteps[0])
-        for t in timesteps:
-            model_input = jt.concat([latents, latents]) if guided else latents
-            model_input = sampler.scale_model_input(model_input, t)
-            pred = self.unet_prediction(model_input.cast(self.dtype), jt.array([int(t)]), states)
-            if guided:
-                uncond, text = pred[:n], pred[n:]
-                pred = uncond + req.guidance_scale * (text - uncond)
-            latents = sampler.step(pred, t, latents)
-            latents.sync()  # run each step as it comes, not as one graph over all steps
+    def latents(self, array: np.ndarray) -> jt.Var:
+        return jt.array(array)
+
+    def concat(self, tensors: list[jt.Var]) -> jt.Var:
+        return jt.concat(tensors)
+
+    def step_done(self, latents: jt.Var) -> jt.Var:
+        latents.sync()  # run each step as it comes, not as one graph over all steps
+        return latents
+
+    def decode(self, latents: jt.Var) -> np.ndarray:
         images = self.vae.decode((latents / self.vae.scaling_factor + self.vae.shift_factor).cast(self.dtype))
-        images = (images.float32() * 0.5 + 0.5).transpose(0, 2, 3, 1).numpy()
-        return uint8_images(images, req.prompts, mixed_precision="fp16" if self.dtype == "float16" else "no",
-                            alternatives=["no"], adapted=bool(self.lora_settings))
+        return (images.float32() * 0.5 + 0.5).transpose(0, 2, 3, 1).numpy()
 
-    def unet_prediction(self, sample: jt.Var, timesteps: jt.Var, states: jt.Var) -> jt.Var:
-        """The UNet's output in float32; with ``compile=replay``, from the recorded call for these shapes."""
+    def sampling_prediction(self, latents: jt.Var, timestep, states: jt.Var) -> jt.Var:
+        """With ``compile=replay``, from the recorded call for these shapes."""
+        timesteps = jt.array([int(timestep)])
         if not self.replay:
-            return self.unet(sample, timesteps, states).float32()
-        return self._unet_call([*(w.weight for w in self._adapter_linears(("unet",))), sample, timesteps,
-                                states])[0]
+            return self.predict(latents, timesteps, states)
+        return self._unet_call([*(w.weight for w in self._adapter_linears(("unet",))), latents.cast(self.dtype),
+                                timesteps, states])[0]
 
     def _unet_graph(self, inputs: list) -> list:
         linears = self._adapter_linears(("unet",))

@@ -1,4 +1,4 @@
-"""The PyTorch engine: diffusers models, peft LoRA, and a sampling loop that matches diffusers' pipelines.
+"""The PyTorch engine: diffusers models and schedulers, peft LoRA; the primitives of jdiff's method in torch.
 
 Random numbers never come from torch: the core passes every noise tensor in, so this engine and the
 Jittor one see the same numbers.
@@ -22,11 +22,12 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from jdiff.devices import DeviceError, torch_device
-from jdiff.engines.base import (Engine, EngineError, GenerateRequest, OptimizerSettings, TrainBatch, out_of_memory,
-                               triton_interpreting, uint8_images)
+from jdiff.engines.base import (Engine, EngineError, OptimizerSettings, TrainBatch, out_of_memory,
+                               triton_interpreting)
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
+from jdiff.train import diffusion_loss, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ def out_of_memory_hint(what: str):
         ) from err
 
 
+def float_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a recorded call's output, which the next replay overwrites."""
+    return tensor.clone() if tensor.dtype == torch.float32 else tensor.float()
+
+
 class WeightCastingLinear(torch.nn.Linear):
     """A linear layer that keeps fp32 weights and computes in its input's precision: the weights are cast on
     each call (gradients flow back to the fp32 copy, as under autocast). LoRA's A and B in bf16 models
@@ -82,8 +88,40 @@ class WeightCastingLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
+class DiffusersSampler:
+    """A diffusers scheduler behind the interface of jdiff's samplers (:mod:`jdiff.samplers`)."""
+
+    def __init__(self, scheduler, device: torch.device):
+        self.scheduler, self.device = scheduler, device
+        self.order = scheduler.order
+
+    @property
+    def init_noise_sigma(self):
+        return self.scheduler.init_noise_sigma
+
+    def set_timesteps(self, steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def skip(self, steps: int) -> torch.Tensor:
+        start = steps * self.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return self.scheduler.timesteps[start:]
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(clean, noise, timestep.reshape(1).repeat(len(clean)))
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.scale_model_input(sample, timestep)
+
+    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(model_output, timestep, sample).prev_sample
+
+
 class TorchEngine(Engine):
     name = "torch"
+    fallback_precisions = ("bf16", "no")
 
     def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
                  prediction_type: Optional[str] = None, allow_pickle: bool = False,
@@ -264,18 +302,21 @@ class TorchEngine(Engine):
     def _stack(self, states: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(states)
 
-    def encode_images(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
-        """A sample of the VAE posterior, mean + std * noise, scaled into the UNet's latent space."""
+    @torch.no_grad()
+    def encode_images(self, pixels, posterior_noise) -> torch.Tensor:
+        pixels, posterior_noise = (self._tensor(a) if isinstance(a, np.ndarray) else a.to(self.device, self.dtype)
+                                   for a in (pixels, posterior_noise))
         dist = self.vae.encode(pixels).latent_dist
-        return (dist.mean + dist.std * posterior_noise - self.vae_shift) * self.vae_scale
+        return ((dist.mean + dist.std * posterior_noise - self.vae_shift) * self.vae_scale).float()
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction. Under CUDA graphs its output lives in the graph's memory pool, where the next
+        """Under torch.compile's CUDA graphs the UNet's output lives in the graph's memory pool, where the next
         replay overwrites it: each call starts a new graph step, and the output is copied out."""
+        latents = latents.to(self.dtype)
         if not self.graphs:
-            return self.unet(latents, timesteps, encoder_hidden_states=states).sample
+            return self.unet(latents, timesteps, encoder_hidden_states=states).sample.float()
         torch.compiler.cudagraph_mark_step_begin()
-        return self.unet(latents, timesteps, encoder_hidden_states=states).sample.clone()
+        return float_copy(self.unet(latents, timesteps, encoder_hidden_states=states).sample)
 
     def step_inputs(self, batch: TrainBatch) -> list[torch.Tensor]:
         """A batch as the tensors of :meth:`_step_on_tensors`. The text goes in as token ids when the text
@@ -290,24 +331,18 @@ class TorchEngine(Engine):
                 self._tensor(batch.timesteps, torch.int64), self._tensor(batch.weights, f32)]
 
     def loss_terms(self, batch: TrainBatch) -> torch.Tensor:
-        """Per-sample MSE between the UNet's prediction and its target (noise, or v)."""
+        """The per-sample losses of a batch (:func:`jdiff.train.diffusion_loss`)."""
         return self._loss_on_tensors(*self.step_inputs(batch)[:-1])
 
     def _loss_on_tensors(self, pixels, posterior_noise, text, noise, signal, noise_level, timesteps) -> torch.Tensor:
-        with torch.no_grad():
-            latents = self.encode_images(pixels, posterior_noise).float()
         states = self.text_encoder(text)[0] if text.dtype == torch.int64 else text
-        a, s = signal.view(-1, 1, 1, 1), noise_level.view(-1, 1, 1, 1)
-        noisy = a * latents + s * noise
-        pred = self.predict(noisy.to(self.dtype), timesteps, states).float()
-        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
-        return ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        return diffusion_loss(self, pixels, posterior_noise, states, noise, signal, noise_level, timesteps)
 
     def _step_on_tensors(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
         """Forward, backward, clipping and the AdamW update: everything of a step that runs on the device."""
         *terms, weights = inputs
         per_sample = self._loss_on_tensors(*terms)
-        (per_sample * weights).sum().backward()
+        weighted_loss(per_sample, weights).backward()
         if self.settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
         self.optimizer.step()
@@ -358,62 +393,36 @@ class TorchEngine(Engine):
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def make_sampler(self, sampler: str):
+    def make_sampler(self, sampler: str) -> DiffusersSampler:
         config = dict(self.scheduler_config, prediction_type=self.prediction_type)
         if sampler == "ddim":
-            return DDIMScheduler.from_config(config)
+            return DiffusersSampler(DDIMScheduler.from_config(config), self.device)
         cls = getattr(diffusers_schedulers, config.get("_class_name", "DDIMScheduler"), None)
         if cls is None:
             raise EngineError(f"the model's scheduler {config.get('_class_name')!r} is unknown to diffusers")
-        return cls.from_config(config)
+        return DiffusersSampler(cls.from_config(config), self.device)
 
-    @torch.no_grad()
-    def generate(self, request: GenerateRequest) -> list[np.ndarray]:
+    @contextlib.contextmanager
+    def sampling(self):
         self._drop_train_call()  # a recorded step's memory goes back before sampling records its own
-        with out_of_memory_hint("generating images"):
-            return self._generate(request)
+        with torch.no_grad(), out_of_memory_hint("generating images"):
+            yield
 
-    def _sampling_prediction(self, model_input: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def latents(self, array: np.ndarray) -> torch.Tensor:
+        return self._tensor(array, torch.float32)
+
+    def concat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(tensors)
+
+    def sampling_prediction(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         if self.capture is None:
-            return self.predict(model_input, t, states)
+            return self.predict(latents, t, states)
         if self._unet_calls is None:
             self._unet_calls = CapturedCalls(lambda x, step, s: (self.unet(x, step, encoder_hidden_states=s).sample,),
                                              warmup=1, capture=self.capture)
         # a copy: some samplers keep past predictions, and the next replay overwrites the recorded output
-        return self._unet_calls(model_input, t.reshape(()), states)[0].clone()
+        return float_copy(self._unet_calls(latents.to(self.dtype), t.reshape(()), states)[0])
 
-    def _generate(self, req: GenerateRequest) -> list[np.ndarray]:
-        n = len(req.prompts)
-        sampler = self.make_sampler(req.sampler)
-        sampler.set_timesteps(req.steps, device=self.device)
-        timesteps = sampler.timesteps
-        cond = self.encode_prompts(req.prompts)
-        if req.origin_prompts is not None and req.origin_scale > 0:
-            cond = torch.lerp(cond, self.encode_prompts(req.origin_prompts), req.origin_scale)
-        guided = req.guidance_scale > 1.0
-        states = torch.cat([self.encode_prompts([req.negative_prompt] * n), cond]) if guided else cond
-        noise = self._tensor(req.noise)
-        if req.init_image is None:
-            latents = noise * sampler.init_noise_sigma
-        else:  # img2img (SDEdit): noise the encoded init image to the strength's timestep, denoise from there
-            kept = min(int(req.steps * req.strength), req.steps)
-            start = max(req.steps - kept, 0) * sampler.order
-            timesteps = timesteps[start:]
-            if hasattr(sampler, "set_begin_index"):
-                sampler.set_begin_index(start)
-            pixels = self._tensor(np.repeat(req.init_image[None], n, axis=0))
-            latents = self.encode_images(pixels, self._tensor(req.init_posterior_noise))
-            latents = sampler.add_noise(latents, noise, timesteps[:1].repeat(n))
-        for t in timesteps:
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = sampler.scale_model_input(model_input, t)
-            pred = self._sampling_prediction(model_input, t, states)
-            if guided:
-                uncond, text = pred.chunk(2)
-                pred = uncond + req.guidance_scale * (text - uncond)
-            latents = sampler.step(pred, t, latents).prev_sample
-        images = self.vae.decode(latents / self.vae_scale + self.vae_shift).sample
-        images = (images * 0.5 + 0.5).permute(0, 2, 3, 1).float().cpu().numpy()
-        return uint8_images(images, req.prompts, mixed_precision=self.mixed_precision,
-                            alternatives=[m for m in ("bf16", "no") if m != self.mixed_precision],
-                            adapted=bool(self.lora_settings))
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        images = self.vae.decode((latents / self.vae_scale + self.vae_shift).to(self.dtype)).sample
+        return (images * 0.5 + 0.5).permute(0, 2, 3, 1).float().cpu().numpy()

@@ -1,17 +1,18 @@
-"""Samplers matching diffusers' DDIMScheduler and PNDMScheduler step for step, in plain arithmetic.
+"""The samplers: diffusers' DDIMScheduler and PNDMScheduler step for step, in plain arithmetic, for any engine.
 
-API:
-    sampler = make_sampler(scheduler_config, sampler="model", prediction_type=None)
-    timesteps = sampler.set_timesteps(steps)                 # int64 array, also sampler.timesteps
-    timesteps = sampler.img2img_timesteps(steps, strength)   # the tail an SDEdit start runs
-    latents = sampler.add_noise(clean, noise, timestep)      # the forward process at one timestep
+The sampling loop (:func:`jdiff.generate.denoise`) asks an engine for a sampler (``engine.make_sampler``); the
+Jittor engine uses these, the torch engine wraps diffusers' schedulers in the same interface:
+
+    timesteps = sampler.set_timesteps(steps)           # noisy to clean
+    timesteps = sampler.skip(k)                        # img2img: the steps after the first k (see img2img_skip)
+    latents = sampler.add_noise(clean, noise, t)       # the forward process at timestep t
     latents = noise * sampler.init_noise_sigma
     model_input = sampler.scale_model_input(latents, t)
     latents = sampler.step(model_output, t, latents)
 
 ``step``, ``add_noise`` and ``scale_model_input`` use only ``*``, ``+``, ``-`` and ``/`` with Python floats,
-so they work on numpy arrays and Jittor Vars alike; the coefficients are computed in float32 from
-``jdiff.schedule``'s ``alphas_cumprod``, as diffusers does.
+so they work on numpy arrays, torch tensors and Jittor Vars alike; the coefficients are computed in float32
+from ``jdiff.schedule``'s ``alphas_cumprod``, as diffusers does.
 
 ``sampler="model"`` takes the class named by ``scheduler/scheduler_config.json``: DDIMScheduler (SD 2.1) or
 PNDMScheduler (SD 1.5, SD 2.1-base; their configs set ``skip_prk_steps``, which makes it PLMS: a linear
@@ -32,6 +33,12 @@ from jdiff.engines.base import EngineError
 from jdiff.schedule import betas_to_alphas_cumprod
 
 ONE = np.float32(1.0)
+
+
+def img2img_skip(steps: int, strength: float) -> int:
+    """SDEdit: with ``strength`` s, only the last int(steps * s) of ``steps`` sampling steps run, from the encoded
+    image noised to the first of their timesteps (the rule of diffusers' img2img pipeline); the number skipped."""
+    return max(steps - min(int(steps * strength), steps), 0)
 
 
 def make_sampler(scheduler_config: dict, sampler: str = "model", prediction_type: Optional[str] = None) -> "Sampler":
@@ -88,12 +95,9 @@ class Sampler:
         self.timesteps = self.spaced_timesteps(steps)
         return self.timesteps
 
-    def img2img_timesteps(self, steps: int, strength: float) -> np.ndarray:
-        """SDEdit: with ``strength`` s, only the last int(steps * s) steps run, from the encoded image noised
-        to the first of their timesteps (the rule of diffusers' img2img pipeline and the torch engine)."""
-        timesteps = self.set_timesteps(steps)
-        kept = min(int(steps * strength), steps)
-        return timesteps[max(steps - kept, 0) * self.order:]
+    def skip(self, steps: int) -> np.ndarray:
+        """The timesteps after the first ``steps`` sampling steps (img2img starts there)."""
+        return self.timesteps[steps * self.order:]
 
     def scale_model_input(self, sample, timestep: int):
         return sample
