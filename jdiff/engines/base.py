@@ -173,6 +173,10 @@ class Engine(abc.ABC):
 
     # -- LoRA: the same in every engine, through _attach and _set_adapter ----------------------------------
 
+    def _models(self) -> dict:
+        """The models that take adapters, by their prefix in LoRA files."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
     @abc.abstractmethod
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict:
         """Put adapters on the layers of ``prefix`` ("unet", "text_encoder") that ``targets`` name; return the
@@ -254,6 +258,11 @@ class Engine(abc.ABC):
         """Write the attached adapters in the format diffusers' load_lora_weights reads."""
 
     # -- the text states of training batches ------------------------------------------------------------
+
+    def token_array(self, prompts: list[str]) -> np.ndarray:
+        """The CLIP token ids of ``prompts`` (B, 77), padded and truncated as Stable Diffusion's pipelines do."""
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="np").input_ids
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]):

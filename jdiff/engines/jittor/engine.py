@@ -162,9 +162,6 @@ class JittorEngine(Engine):
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
-    def _models(self):
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
-
     def _attach(self, prefix: str, targets, rank: int, alpha: float) -> dict[str, LoraLinear]:
         self._unet_call.clear()  # recorded plans hold the model as it was
         self._step_call.clear()
@@ -225,9 +222,7 @@ class JittorEngine(Engine):
                                             weight_decay=settings.weight_decay)
 
     def token_ids(self, prompts: list[str]) -> jt.Var:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="np").input_ids
-        return jt.array(ids.astype(np.int32))
+        return jt.array(self.token_array(prompts).astype(np.int32))
 
     def encode_prompts(self, prompts: list[str]) -> jt.Var:
         return self.text_encoder(self.token_ids(prompts))

@@ -220,9 +220,6 @@ class TorchEngine(Engine):
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
-    def _models(self):
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
-
     def _lora_layers(self, prefix: str) -> dict[str, LoraLayer]:
         """Adapted layers by their file name: text-encoder names always carry ``text_model.``, as in real SD
         checkpoints, although transformers 5's CLIPTextModel has no such submodule."""
@@ -288,9 +285,7 @@ class TorchEngine(Engine):
         self._drop_train_call()
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="np").input_ids
-        return self._tensor(ids, torch.int64)
+        return self._tensor(self.token_array(prompts), torch.int64)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenize(prompts))[0]
