@@ -8,10 +8,12 @@ type cannot express are checked by :mod:`jdiff.validate` right after composition
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from jdiff.engines.options import ENGINES, unknown_option
 
 STAGES = ("prior", "train", "generate", "score")
 
@@ -37,27 +39,6 @@ class ModelConfig:
     revision: Optional[str] = None
     # Allow a hub download when the weights are not on disk yet.
     allow_download: bool = False
-
-
-@dataclass
-class EngineConfig:
-    name: str = MISSING
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    mixed_precision: str = "no"  # no, bf16, fp16 (LoRA weights stay fp32)
-    allow_pickle: bool = False  # load .bin (pickle) weights when no .safetensors exist
-    # CPU threads for the tensor work; null: every core this process may use. CPU results depend on it
-    # (reductions split differently), so it is part of a run's numerical config.
-    threads: Optional[int] = None
-    # torch: torch.compile the UNet and the VAE encoder with this mode (no, default, reduce-overhead:
-    # + CUDA graphs, max-autotune; the first steps compile, minutes on a GPU), or cuda-graphs: no compiler,
-    # the whole training step and each sampling UNet call recorded as CUDA graphs (seconds; GPU only).
-    # jittor: no, or replay: the training step and each sampling UNet call planned by Jittor's executor once and
-    # replayed from the recorded plan (no Python, no re-planning; CPU or GPU).
-    compile: str = "no"
-    # torch only: GroupNorm by PyTorch (native) or by jdiff's Triton kernels (triton: statistics split over many
-    # blocks, channels-last kept; CUDA only), and the UNet and VAE in channels-last memory format.
-    group_norm: str = "native"
-    channels_last: bool = False
 
 
 @dataclass
@@ -178,7 +159,10 @@ class JdiffConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Typed by the chosen engine's options (jdiff/engines/options.py: TorchOptions, JittorOptions): each
+    # conf/engine/<option>.yaml names its engine's schema first in its defaults, so an option that engine does not
+    # have fails at composition. Untyped here, so that either engine's options fit.
+    engine: Any = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -190,5 +174,27 @@ class JdiffConfig:
 
 
 def register_configs() -> None:
-    """Register the schema; ``conf/config.yaml`` lists it first in its defaults, so every group is typed."""
-    ConfigStore.instance().store(name="jdiff_schema", node=JdiffConfig)
+    """Register the schema; ``conf/config.yaml`` lists it first in its defaults, so every group is typed. Each
+    engine's options go into the engine group as ``<name>_schema``, for its conf/engine/ options to start from."""
+    store = ConfigStore.instance()
+    store.store(name="jdiff_schema", node=JdiffConfig)
+    for name, entry in ENGINES.items():
+        store.store(group="engine", name=f"{name}_schema", node=entry.options)
+
+
+def explain_composition_error(err: BaseException) -> Optional[str]:
+    """One line for a composition error that Hydra reports in several, or None to leave it as Hydra says it: an
+    override of an option the chosen engine does not have (``engine=jittor engine.group_norm=triton``)."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        typed = getattr(cause, "object_type", None)
+        key = getattr(cause, "key", None)
+        engine_key = getattr(cause, "full_key", None) == f"engine.{key}"
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and engine_key:
+            engine = next((name for name, entry in ENGINES.items() if entry.options is typed), None)
+            if engine is not None:
+                return unknown_option(engine, str(key))
+        cause = cause.__cause__
+    return None

@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from jdiff.config import JdiffConfig
+from jdiff.engines.options import ENGINES
 from jdiff.files import write_json
 from jdiff.pipeline import USER_ERRORS, run
 from jdiff import rundir
@@ -85,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_config(run_dir: Path) -> DictConfig:
-    """The run's resolved config, typed by the schema again (YAML alone would lose the types)."""
-    return OmegaConf.merge(OmegaConf.structured(JdiffConfig), OmegaConf.load(run_dir / CONFIG_FILE))
+    """The run's resolved config, typed by the schema again (YAML alone would lose the types), its engine's
+    options by that engine's options class."""
+    stored = OmegaConf.load(run_dir / CONFIG_FILE)
+    cfg = OmegaConf.merge(OmegaConf.structured(JdiffConfig), stored)
+    engine = ENGINES.get(OmegaConf.select(stored, "engine.name", default=None))
+    if engine is not None:
+        cfg.engine = OmegaConf.merge(OmegaConf.structured(engine.options), stored.engine)
+    return cfg
 
 
 def configure_logging(log_file: Path, label: str) -> None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -53,6 +54,36 @@ def main(cfg: DictConfig) -> Optional[float]:
              130)
 
 
+def report_composition_errors_in_one_line() -> None:
+    """A composition error that jdiff can say in one line (:func:`jdiff.config.explain_composition_error`) ends the
+    process like any other bad config: one ``error:`` line on stderr, exit code 2; the others as Hydra reports
+    them. Hydra has no hook for it, so its reporter, which every command line goes through, is wrapped
+    (``hydra._internal.utils.run_and_report``, hydra-core 1.3). HYDRA_FULL_ERROR=1 still gets Hydra's traceback."""
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import ConfigCompositionException
+
+    from jdiff.config import explain_composition_error
+
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None or getattr(report, "jdiff_wrapped", False):
+        return
+
+    def run_and_report(func):
+        def explained():
+            try:
+                return func()
+            except ConfigCompositionException as err:
+                message = explain_composition_error(err)
+                if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                stop(f"error: {message}", 2)
+
+        return report(explained)
+
+    run_and_report.jdiff_wrapped = True
+    hydra_utils.run_and_report = run_and_report
+
+
 def stop(message: str, code: int) -> None:
     """End the run with one line on stderr (the run's log gets it too), and ``code``."""
     for handler in logging.getLogger().handlers:
@@ -68,6 +99,7 @@ if __name__ == "__main__":
     # imports jdiff.main (and so registers the schema and resolvers) rather than receiving a copy of it.
     from jdiff.main import main as task
 
+    report_composition_errors_in_one_line()
     try:
         task()
     except KeyboardInterrupt:  # before a run began (while the config was composed): nothing was written

@@ -88,11 +88,11 @@ class Run:
             e = self.cfg.engine
             log.info("loading %s with engine=%s", self.model_dir, e.name)
             started = time.perf_counter()
-            self._engine = create_engine(e.name, self.model_dir, device=e.device, mixed_precision=e.mixed_precision,
-                                         prediction_type=self.cfg.model.prediction_type, allow_pickle=e.allow_pickle,
-                                         threads=e.threads, deterministic=self.cfg.deterministic,
-                                         compile=e.compile, group_norm=e.group_norm,
-                                         channels_last=e.channels_last)
+            # every option of the chosen engine, whichever it is (their keys are that engine's: TorchOptions or
+            # JittorOptions in jdiff/engines/options.py)
+            options = {k: v for k, v in OmegaConf.to_container(e, resolve=True).items() if k != "name"}
+            self._engine = create_engine(e.name, self.model_dir, prediction_type=self.cfg.model.prediction_type,
+                                         deterministic=self.cfg.deterministic, **options)
             self.seconds["load_engine"] = round(time.perf_counter() - started, 2)
         return self._engine
 

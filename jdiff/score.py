@@ -32,6 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jdiff.config import explain_composition_error
 from jdiff.data import (IMAGE_SUFFIXES, StyleDataError, collisions, image_file_name, is_hidden, list_images, load_rgb,
                         load_style)
 from jdiff.files import write_json
@@ -179,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_out(out)
         result = Scorer(cfg.score, Path(cfg.paths.cache)).score(styles)
     except (ConfigError, StyleDataError, HydraException, OmegaConfBaseException, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {explain_composition_error(err) or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no scores were written", file=sys.stderr)

@@ -14,15 +14,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jdiff.config import STAGES
 from jdiff.devices import DeviceError, parse_device
-from jdiff.engines.base import triton_interpreting
+from jdiff.engines.options import ENGINES, EngineOptionError, EngineOptions, engine_options
 from jdiff.lora_file import check_adapter_file
 from jdiff.tiny_model import ARCHITECTURES
 
-ENGINES = ("torch", "jittor")
-MIXED_PRECISION = ("no", "bf16", "fp16")
-COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "cuda-graphs", "replay")
-JITTOR_COMPILE_MODES = ("no", "replay")
-GROUP_NORMS = ("native", "triton")
 INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("model", "ddim")
@@ -79,6 +74,27 @@ def check_placement(cfg: DictConfig) -> None:
         gpus = list(cfg.gpus)
         _check(all(str(g).strip() for g in gpus) and len(set(gpus)) == len(gpus), "gpus", gpus,
                "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
+
+
+def check_engine(engine) -> EngineOptions:
+    """``engine.*``: a known engine, with the options of that engine, every one set; their values are checked by
+    the engine's options class (jdiff.engines.options), the one place they are. Returns the options."""
+    if not isinstance(engine, DictConfig):
+        raise ConfigError(f"engine={engine!r} is invalid: choose an engine, engine={' or engine='.join(ENGINES)}.")
+    if "name" not in engine or OmegaConf.is_missing(engine, "name"):
+        raise ConfigError(f"engine.name is not set: choose an engine, engine={' or engine='.join(ENGINES)}.")
+    _one_of("engine.name", engine.name, ENGINES)
+    options = ENGINES[engine.name].options
+    typed = OmegaConf.get_type(engine)
+    if isinstance(typed, type) and issubclass(typed, EngineOptions) and typed is not options:
+        owner = next(name for name, entry in ENGINES.items() if entry.options is typed)
+        raise ConfigError(f"engine.name={engine.name!r} is invalid: the engine options are the {owner} engine's. "
+                          f"Choose the engine as a group, engine={engine.name}, not by engine.name.")
+    _check_present(engine, options, "engine.")
+    try:
+        return engine_options(engine.name, OmegaConf.to_container(engine, resolve=True))
+    except EngineOptionError as err:
+        raise ConfigError(str(err)) from err
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -203,29 +219,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check("{object}" in data[key], f"data.{key}", data[key], "it must contain {object}")
     _check(data.builder in (None, "demo"), "data.builder", data.builder, "null or demo")
 
-    engine = cfg.engine
-    _one_of("engine.name", engine.name, ENGINES)
-    _one_of("engine.mixed_precision", engine.mixed_precision, MIXED_PRECISION)
-    _check(engine.name != "jittor" or engine.mixed_precision in ("no", "fp16"), "engine.mixed_precision",
-           engine.mixed_precision,
-           "the Jittor engine runs in float32 (no) or fp16: use one of those, or engine=torch for bf16")
-    _one_of("engine.compile", engine.compile, COMPILE_MODES)
-    _check(engine.name != "jittor" or engine.compile in JITTOR_COMPILE_MODES, "engine.compile", engine.compile,
-           "the Jittor engine runs eagerly (no) or replays recorded execution plans (replay): use one of those")
-    _check(engine.name != "torch" or engine.compile != "replay", "engine.compile", engine.compile,
-           "replay is the Jittor engine's: use engine=jittor, or cuda-graphs for the torch engine")
-    _check(engine.compile != "cuda-graphs" or str(engine.device) != "cpu", "engine.compile", engine.compile,
-           "CUDA graphs need a GPU: use engine.compile=no with engine.device=cpu")
-    _one_of("engine.group_norm", engine.group_norm, GROUP_NORMS)
-    _check(engine.name == "torch" or (engine.group_norm == "native" and not engine.channels_last),
-           "engine.group_norm/channels_last", f"{engine.group_norm}/{engine.channels_last}",
-           "these are torch engine settings: use engine=torch, or leave them at native/false")
-    _check(engine.group_norm != "triton" or str(engine.device) != "cpu" or triton_interpreting(),
-           "engine.group_norm", engine.group_norm,
-           "the Triton GroupNorm runs on CUDA GPUs: use engine.group_norm=native with engine.device=cpu")
-    _device(engine.device, "engine.device")
-    _check(engine.threads is None or engine.threads >= 1, "engine.threads", engine.threads,
-           "a thread count >= 1, or null for every core")
+    check_engine(cfg.engine)
 
     check_placement(cfg)
     if cfg.model.prediction_type is not None:

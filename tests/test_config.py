@@ -423,17 +423,23 @@ def test_defaults_have_one_source():
     import dataclasses
 
     from jdiff import config as schema
+    from jdiff.engines.options import ENGINES
 
     groups = {"lora": schema.LoraConfig, "prior": schema.PriorConfig, "augment": schema.AugmentConfig,
               "init": schema.InitConfig, "train": schema.TrainConfig, "infer": schema.InferConfig,
-              "score": schema.ScoreConfig, "data": schema.DataConfig, "engine": schema.EngineConfig,
-              "model": schema.ModelConfig}
-    for group, cls in groups.items():
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(cls)
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+              "score": schema.ScoreConfig, "data": schema.DataConfig, "model": schema.ModelConfig}
+
+    def schema_of(group: str, values: dict):
+        if group == "engine":  # typed by the engine schema its defaults list names first (<engine>_schema)
+            return ENGINES[values["defaults"][0].removesuffix("_schema")].options
+        return groups[group]
+
+    for group in (*groups, "engine"):
         for option in _options(group):
             values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(schema_of(group, values))
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
             restated = [k for k, v in values.items() if k != "defaults" and k in defaults and v == defaults[k]]
             assert not restated, f"conf/{group}/{option}.yaml restates the schema's defaults of {restated}"
     # The primary config picks the options whose values the schema's defaults are.

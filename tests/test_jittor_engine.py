@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import QUICK, compose_config
 from jdiff.engines.base import EngineError, GenerateRequest, LoraSpec, OptimizerSettings, TrainBatch, create_engine
 from jdiff.engines.jittor.env import import_jittor
+from jdiff.engines.options import JittorOptions, TorchOptions
 from jdiff.noise import SAMPLE, gaussian, stream
 from jdiff.pipeline import LORA_FILE, run
 from jdiff.schedule import NoiseSchedule
@@ -44,7 +45,7 @@ def read_lora(path: Path) -> dict[str, np.ndarray]:
 
 
 def engines(model_dir: Path, lora: Path | None = None) -> tuple[TorchEngine, JittorEngine]:
-    pair = TorchEngine(model_dir, device="cpu"), JittorEngine(model_dir, device="cpu")
+    pair = TorchEngine(model_dir, TorchOptions(device="cpu")), JittorEngine(model_dir, JittorOptions(device="cpu"))
     if lora is not None:
         for engine in pair:
             engine.load_lora(lora)
@@ -61,7 +62,7 @@ def write_live_lora(model_dir: Path, path: Path) -> Path:
     the model unchanged, so they would hide mistakes."""
     import torch
 
-    engine = TorchEngine(model_dir, device="cpu")
+    engine = TorchEngine(model_dir, TorchOptions(device="cpu"))
     engine.add_lora(SPEC)
     rng = np.random.default_rng(5)
     with torch.no_grad():
@@ -103,8 +104,8 @@ def test_fresh_adapters_are_the_same_in_both_engines(tiny_model_dir, tmp_path):
 def test_a_training_step_gives_the_same_loss_and_gradients(tiny_model_dir, live_lora, prediction_type):
     import torch
 
-    theirs = TorchEngine(tiny_model_dir, device="cpu", prediction_type=prediction_type)
-    ours = JittorEngine(tiny_model_dir, device="cpu", prediction_type=prediction_type)
+    theirs = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"), prediction_type=prediction_type)
+    ours = JittorEngine(tiny_model_dir, JittorOptions(device="cpu"), prediction_type=prediction_type)
     batch = training_batch(tiny_model_dir)
     want_grads, got_grads = {}, {}
 
@@ -271,7 +272,7 @@ def test_plain_diffusers_loads_a_jittor_lora(runs, tiny_model_dir):
     latents = np.stack([gaussian(stream(4, SAMPLE, k), (4, 8, 8)) for k in range(2)])
     theirs = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=7.5, latents=torch.from_numpy(latents),
                   output_type="np", height=64, width=64).images
-    engine = JittorEngine(tiny_model_dir, device="cpu")
+    engine = JittorEngine(tiny_model_dir, JittorOptions(device="cpu"))
     engine.load_lora(runs["jittor"] / LORA_FILE)
     ours = engine.generate(GenerateRequest(prompts=PROMPTS, noise=latents, steps=3, guidance_scale=7.5))
     for got, want in zip(ours, theirs):
@@ -298,7 +299,7 @@ def test_running_out_of_gpu_memory_says_what_to_try_and_keeps_other_errors(tiny_
     """Jittor's out-of-memory error (its allocator's line and memory report, as it raises it) becomes an
     EngineError naming what ran out, what to try (fp16 first, for a float32 engine), and the failing line alone;
     any other RuntimeError passes through as it was."""
-    engine = JittorEngine(tiny_model_dir, device="cpu")
+    engine = JittorEngine(tiny_model_dir, JittorOptions(device="cpu"))
     engine.add_lora(SPEC)
     engine.setup_training(SETTINGS)
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import QUICK, compose_config
 from jdiff.engines.base import EngineError, GenerateRequest, create_engine
 from jdiff.engines.jittor.env import import_jittor
+from jdiff.engines.options import JittorOptions, TorchOptions
 from jdiff.noise import SAMPLE, gaussian, stream
 from jdiff.validate import ConfigError, validate_config
 from test_jittor_engine import PROMPTS, SETTINGS, read_lora, training_batch, write_live_lora
@@ -23,7 +24,7 @@ from jdiff.engines.torch.engine import TorchEngine  # noqa: E402
 def trained(model_dir, lora, mixed_precision: str):
     """An engine with ``lora`` loaded, after three training steps on the same batch; their losses; and how far
     the steps moved the adapters."""
-    engine = JittorEngine(model_dir, device="cpu", mixed_precision=mixed_precision)
+    engine = JittorEngine(model_dir, JittorOptions(device="cpu", mixed_precision=mixed_precision))
     engine.load_lora(lora)
     engine.setup_training(SETTINGS)
     batch = training_batch(model_dir)
@@ -86,7 +87,7 @@ def test_an_fp16_lora_file_loads_in_the_torch_engine(pair, tiny_model_dir, tmp_p
     pair["fp16"][0].save_lora(path)
     saved = read_lora(path)
     assert all(value.dtype == np.float32 for value in saved.values())
-    torch_engine = TorchEngine(tiny_model_dir, device="cpu")
+    torch_engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
     torch_engine.load_lora(path)
     loaded = {f"{prefix}.{name}": layer for prefix in ("unet", "text_encoder")
               for name, layer in torch_engine._lora_layers(prefix).items()}
@@ -96,7 +97,7 @@ def test_an_fp16_lora_file_loads_in_the_torch_engine(pair, tiny_model_dir, tmp_p
 
 
 def test_an_overflow_skips_the_step_and_halves_the_scale(tiny_model_dir, live_lora):
-    engine = JittorEngine(tiny_model_dir, device="cpu", mixed_precision="fp16")
+    engine = JittorEngine(tiny_model_dir, JittorOptions(device="cpu", mixed_precision="fp16"))
     engine.load_lora(live_lora)
     engine.setup_training(SETTINGS)
     batch = training_batch(tiny_model_dir)
@@ -119,7 +120,7 @@ def test_an_overflow_skips_the_step_and_halves_the_scale(tiny_model_dir, live_lo
 
 
 def test_the_loss_scale_doubles_after_enough_good_steps(tiny_model_dir, live_lora):
-    engine = JittorEngine(tiny_model_dir, device="cpu", mixed_precision="fp16")
+    engine = JittorEngine(tiny_model_dir, JittorOptions(device="cpu", mixed_precision="fp16"))
     engine.load_lora(live_lora)
     engine.setup_training(SETTINGS)
     engine.loss_scale.growth_interval = 2
@@ -135,6 +136,6 @@ def test_config_allows_fp16_for_jittor_and_refuses_bf16(jdiff_root, tiny_model_d
     validate_config(compose_config(QUICK + ["engine=jittor", "engine.mixed_precision=fp16"], jdiff_root))
     with pytest.raises(ConfigError, match="engine.mixed_precision='bf16'.*fp16.*engine=torch"):
         validate_config(compose_config(QUICK + ["engine=jittor", "engine.mixed_precision=bf16"], jdiff_root))
-    with pytest.raises(EngineError, match="mixed_precision=bf16.*fp16"):
+    with pytest.raises(EngineError, match="mixed_precision='bf16'.*fp16"):
         create_engine("jittor", tiny_model_dir, device="cpu", mixed_precision="bf16")
     assert create_engine("jittor", tiny_model_dir, device="cpu", mixed_precision="fp16").dtype == "float16"

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from conftest import QUICK, compose_config
 from jdiff.demo_data import write_demo_styles
 from jdiff.engines.base import EngineError, GenerateRequest, LoraSpec, create_engine, uint8_images
+from jdiff.engines.options import JittorOptions
 from jdiff.lora_file import METADATA_KEY, AdapterFileError, check_adapter_file, load_adapters
 
 SPEC = LoraSpec(unet_rank=4, unet_alpha=8.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
@@ -453,13 +454,13 @@ def test_jittor_allow_pickle_loads_safetensors_and_pickle_models(engine, tiny_mo
     import_jittor("cpu")
     from jdiff.engines.jittor.engine import JittorEngine
 
-    plain = JittorEngine(tiny_model_dir, device="cpu")
+    plain = JittorEngine(tiny_model_dir, JittorOptions(device="cpu"))
     want = plain.generate(request(plain))
-    allowed = JittorEngine(tiny_model_dir, device="cpu", allow_pickle=True)
+    allowed = JittorEngine(tiny_model_dir, JittorOptions(device="cpu", allow_pickle=True))
     assert all(np.array_equal(a, b) for a, b in zip(allowed.generate(request(allowed)), want))
     with pytest.raises(EngineError, match="engine.allow_pickle=true"):
-        JittorEngine(pickle_model, device="cpu")
-    from_pickle = JittorEngine(pickle_model, device="cpu", allow_pickle=True)
+        JittorEngine(pickle_model, JittorOptions(device="cpu"))
+    from_pickle = JittorEngine(pickle_model, JittorOptions(device="cpu", allow_pickle=True))
     assert all(np.array_equal(a, b) for a, b in zip(from_pickle.generate(request(from_pickle)), want))
 
 
@@ -475,11 +476,11 @@ def test_jittor_refuses_wrong_shapes_and_non_finite_images(good_lora, tiny_model
     out = variant(good_lora, tmp_path / "wide.safetensors",
                   lambda t: t.update({KEY_A: np.zeros((4, n + 3), np.float32)}))
     with pytest.raises(EngineError) as err:
-        JittorEngine(tiny_model_dir, device="cpu").load_lora(out)
+        JittorEngine(tiny_model_dir, JittorOptions(device="cpu")).load_lora(out)
     message = str(err.value)
     assert str(out) in message and f"{KEY_A} is (4, {n + 3})" in message and f"takes {n} inputs" in message
 
-    engine = JittorEngine(tiny_model_dir, device="cpu")
+    engine = JittorEngine(tiny_model_dir, JittorOptions(device="cpu"))
     engine.load_lora(good_lora)
     monkeypatch.setattr(engine.vae, "decode", lambda latents: jt.full((2, 3, RESOLUTION, RESOLUTION), float("nan")))
     with pytest.raises(EngineError) as err:

@@ -288,10 +288,10 @@ def test_a_device_no_sweep_job_can_have_fails_that_run_alone(jdiff_root, tmp_pat
 
 
 @pytest.mark.parametrize("override, key", [("n_jobs=0", "n_jobs"), ("gpus=[0,0]", "gpus"),
-                                           ("engine.threads=0", "engine.threads")])
+                                           ("engine=torch engine.threads=0", "engine.threads")])
 def test_bad_sweep_settings_fail_validation(jdiff_root, override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
-        validate_config(compose_config(["experiment=demo", override], jdiff_root))
+        validate_config(compose_config(["experiment=demo", *override.split()], jdiff_root))
 
 
 def test_deterministic_sets_the_torch_flags(jdiff_root, tiny_model_dir, monkeypatch):

@@ -17,6 +17,7 @@ from conftest import QUICK, compose_config
 from jdiff.data import load_style
 from jdiff.demo_data import write_demo_styles
 from jdiff.engines.base import EngineError, GenerateRequest, LoraSpec, OptimizerSettings, TrainBatch
+from jdiff.engines.options import TorchOptions
 from jdiff.engines.torch.engine import TorchEngine
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls
 from jdiff.schedule import NoiseSchedule
@@ -42,7 +43,7 @@ def batches(model_dir: Path, count: int) -> list[TrainBatch]:
 
 
 def trained(model_dir: Path, static: bool, text_encoder: bool):
-    engine = TorchEngine(model_dir, device="cpu")
+    engine = TorchEngine(model_dir, TorchOptions(device="cpu"))
     if static:
         engine.use_static_calls(capture=False)
     engine.add_lora(LoraSpec(unet_rank=4, unet_alpha=4.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
@@ -110,7 +111,7 @@ def test_a_captured_call_copies_inputs_and_refuses_a_new_shape():
 
 def test_cuda_graphs_need_a_gpu(tiny_model_dir, jdiff_root):
     with pytest.raises(EngineError, match="engine.compile=cuda-graphs records CUDA graphs and needs a CUDA GPU"):
-        TorchEngine(tiny_model_dir, device="cpu", compile="cuda-graphs")
+        TorchEngine(tiny_model_dir, TorchOptions(device="cpu", compile="cuda-graphs"))
     from jdiff.validate import ConfigError, validate_config
 
     cfg = compose_config(QUICK + ["engine=torch", "engine.device=cpu", "engine.compile=cuda-graphs"], jdiff_root)
@@ -141,7 +142,7 @@ def test_the_loop_queues_the_next_step_before_reading_losses(tiny_model_dir, jdi
     schedule = NoiseSchedule.from_model(tiny_model_dir)
     rows = {}
     for name, static in (("plain", False), ("static", True)):
-        engine = TorchEngine(tiny_model_dir, device="cpu")
+        engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
         if static:
             engine.use_static_calls(capture=False)
         engine.add_lora(LoraSpec(unet_rank=4, unet_alpha=4.0, unet_targets=("to_q", "to_v"), seed=2))
@@ -155,7 +156,7 @@ def test_the_loop_queues_the_next_step_before_reading_losses(tiny_model_dir, jdi
 
 
 def test_half_precision_adapters_keep_fp32_weights_but_compute_in_half(tiny_model_dir):
-    engine = TorchEngine(tiny_model_dir, device="cpu", mixed_precision="bf16")
+    engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu", mixed_precision="bf16"))
     engine.add_lora(LoraSpec(unet_rank=4, unet_alpha=8.0, unet_targets=("to_q", "to_v"), seed=4))
     engine.setup_training(SETTINGS)
     name, layer = next(iter(engine._lora_layers("unet").items()))
@@ -192,7 +193,7 @@ def test_a_failed_recording_names_the_setting_to_change(tiny_model_dir, monkeypa
 
     monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(graphs.torch.cuda, "graph", Unrecordable)
-    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
     engine.use_static_calls(capture=True)
     engine.add_lora(LoraSpec(unet_rank=2, unet_alpha=2.0, unet_targets=("to_q",)))
     engine.setup_training(SETTINGS)
@@ -213,7 +214,7 @@ def test_the_fast_engine_preset_is_the_documented_setting(jdiff_root):
 def test_a_failed_step_keeps_the_losses_of_the_steps_before_it(tiny_model_dir, jdiff_root, tmp_path):
     cfg = compose_config(QUICK + ["engine=torch", "engine.device=cpu", "prior=off", "train.steps=5"], jdiff_root)
     write_demo_styles(Path(cfg.data.root))
-    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
     engine.add_lora(LoraSpec(unet_rank=2, unet_alpha=2.0, unet_targets=("to_q",)))
     watched = QueueWatcher(engine)
     start = watched.start_train_step

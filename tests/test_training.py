@@ -12,6 +12,7 @@ from jdiff.augment import augment, enlarged
 from jdiff.data import load_style
 from jdiff.demo_data import write_demo_styles
 from jdiff.engines.base import OptimizerSettings, TrainBatch
+from jdiff.engines.options import TorchOptions
 from jdiff.pipeline import Run, run
 from jdiff.schedule import NoiseSchedule, betas_to_alphas_cumprod, learning_rate
 from jdiff.train import make_batch
@@ -21,7 +22,7 @@ from jdiff.train import make_batch
 def engine(tiny_model_dir):
     from jdiff.engines.torch.engine import TorchEngine
 
-    return TorchEngine(tiny_model_dir, device="cpu")
+    return TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
 
 
 def quick_cfg(root: Path, *extra: str):
@@ -83,7 +84,7 @@ def test_the_class_loss_is_weighted_by_the_prior_weight(tiny_model_dir):
     from jdiff.engines.base import LoraSpec
     from jdiff.engines.torch.engine import TorchEngine
 
-    eng = TorchEngine(tiny_model_dir, device="cpu")
+    eng = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
     eng.add_lora(LoraSpec(unet_rank=4, unet_alpha=4.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0")))
     eng.setup_training(OptimizerSettings(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                          max_grad_norm=0.0, text_encoder_lr_ratio=0.1))
@@ -109,7 +110,7 @@ def test_loss_targets_follow_the_prediction_type(tiny_model_dir):
 
     rng = np.random.default_rng(1)
     for kind in ("epsilon", "v_prediction"):
-        eng = TorchEngine(tiny_model_dir, device="cpu", prediction_type=kind)
+        eng = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"), prediction_type=kind)
         assert eng.prediction_type == kind
         batch = _batch(eng, rng)
         with torch.no_grad():
@@ -203,7 +204,7 @@ def test_text_states_are_encoded_once_per_prompt_only_while_the_encoder_is_froze
     from jdiff.engines.base import LoraSpec
     from jdiff.engines.torch.engine import TorchEngine
 
-    engine = TorchEngine(tiny_model_dir, device="cpu")
+    engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
     engine.add_lora(LoraSpec(unet_rank=2, unet_alpha=2, unet_targets=("to_q",)))
     encoded = []
     encode = engine.encode_prompts
@@ -216,7 +217,7 @@ def test_text_states_are_encoded_once_per_prompt_only_while_the_encoder_is_froze
         torch.testing.assert_close(first, encode(prompts), rtol=0, atol=1e-6)
     assert torch.equal(again, first.flip(0)) and not first.requires_grad
 
-    with_text_lora = TorchEngine(tiny_model_dir, device="cpu")
+    with_text_lora = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
     with_text_lora.add_lora(LoraSpec(unet_rank=2, unet_alpha=2, unet_targets=("to_q",), text_encoder_rank=2,
                                      text_encoder_alpha=2, text_encoder_targets=("q_proj",)))
     with_text_lora.setup_training(OptimizerSettings(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,

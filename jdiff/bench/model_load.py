@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from jdiff.engines.options import TorchOptions
 from jdiff.engines.torch.engine import DTYPES, TorchEngine
 
 
@@ -45,7 +46,7 @@ def main() -> None:
         del model
     torch.cuda.empty_cache()
     started = clock()
-    TorchEngine(args.model_dir, device="cuda", mixed_precision=args.dtype)
+    TorchEngine(args.model_dir, TorchOptions(device="cuda", mixed_precision=args.dtype))
     print(f"TorchEngine: {clock() - started:.2f} s")
 
 

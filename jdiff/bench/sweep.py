@@ -2,7 +2,7 @@
 
     python -m jdiff.bench.sweep                   # CPU: n_jobs=1, then n_jobs=2 (no GPU)
     python -m jdiff.bench.sweep --gpus 0,1        # a 2-GPU machine: gpus=[0], then gpus=[0,1]
-    python -m jdiff.bench.sweep --runs 8 --train-steps 20 --threads 1
+    python -m jdiff.bench.sweep --runs 8 --train-steps 20 --threads 1 engine=torch   # threads: a torch option
     python -m jdiff.bench.sweep --gpus 0,1 engine=torch   # extra arguments: overrides for every run
 
 Each sweep is the real command (``python -m jdiff.main -m ...``, joblib launcher, a process per run) in a
@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6, help="runs per sweep (LoRA ranks 1..N)")
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--infer-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="engine.threads per run (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine.threads per run, a torch engine option: add engine=torch (default: all cores)")
     parser.add_argument("--gpus", default=None, help="two GPU ids, e.g. 0,1: compare one GPU with both")
     parser.add_argument("--root", type=Path, default=None, help="scratch root (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. engine=torch")

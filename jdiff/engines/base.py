@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import os
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from jdiff.engines.options import ENGINES, EngineOptionError, engine_options
 from jdiff.lora_file import Adapter, adapter_file, initial_down_weights, load_adapters
 
 
@@ -355,34 +356,21 @@ class Engine(abc.ABC):
             return denoise(self, request)
 
 
-def triton_interpreting() -> bool:
-    """Whether Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1): how tests run them without a
-    GPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def create_engine(name: str, model_dir: Path, *, prediction_type: Optional[str] = None, deterministic: bool = False,
+                  **options) -> Engine:
+    """The ``name`` engine (see jdiff.engines.options.ENGINES) on the model in ``model_dir``, its module imported
+    only now: the core never imports a deep-learning framework itself.
 
-
-def create_engine(name: str, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
-                  prediction_type: Optional[str] = None, allow_pickle: bool = False,
-                  threads: Optional[int] = None, deterministic: bool = False, compile: str = "no",
-                  group_norm: str = "native", channels_last: bool = False) -> Engine:
-    """Import the engine only when asked: the core never imports a deep-learning framework itself.
-
-    ``threads``: CPU threads (None: every core this process may use); ``deterministic``: repeatable
-    results where the framework has deterministic kernels, at some cost in speed; ``compile``: the
-    torch.compile mode of the torch engine's UNet and VAE encoder ("no" for eager, "cuda-graphs"), or the Jittor
-    engine's "replay" of recorded execution plans (see jdiff.engines.jittor.fast.replay); ``group_norm`` and
-    ``channels_last``: the torch engine's GroupNorm kernels and memory format (see TorchEngine).
+    ``options`` are the engine's options (``engine.*``: TorchOptions or JittorOptions): one the engine does not
+    have, or a value that cannot work, raises an EngineError naming it, before anything is imported.
+    ``prediction_type`` (model.prediction_type) overrides the scheduler config's; ``deterministic``
+    (the top-level key): repeatable results where the framework has deterministic kernels, at some cost in speed;
+    the torch engine uses it, the Jittor engine has no such setting yet and ignores it.
     """
-    if name == "torch":
-        from jdiff.engines.torch.engine import TorchEngine
-
-        return TorchEngine(model_dir, device=device, mixed_precision=mixed_precision,
-                           prediction_type=prediction_type, allow_pickle=allow_pickle,
-                           threads=threads, deterministic=deterministic, compile=compile,
-                           group_norm=group_norm, channels_last=channels_last)
-    if name == "jittor":  # Jittor's CPU kernels take no thread or determinism settings from jdiff yet
-        from jdiff.engines.jittor.engine import JittorEngine
-
-        return JittorEngine(model_dir, device=device, mixed_precision=mixed_precision,
-                            prediction_type=prediction_type, allow_pickle=allow_pickle, compile=compile)
-    raise EngineError(f"engine.name={name!r} is not available; use engine=jittor or engine=torch.")
+    try:
+        settings = engine_options(name, options)
+    except EngineOptionError as err:
+        raise EngineError(str(err)) from None
+    entry = ENGINES[name]
+    engine_class = getattr(importlib.import_module(entry.module), entry.cls)
+    return engine_class(model_dir, settings, prediction_type=prediction_type, deterministic=deterministic)

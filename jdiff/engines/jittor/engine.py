@@ -29,6 +29,7 @@ import numpy as np
 
 from jdiff.engines.base import Engine, EngineError, OptimizerSettings, TrainBatch, out_of_memory
 from jdiff.engines.jittor.env import import_jittor, use_device
+from jdiff.engines.options import JittorOptions
 
 jt = import_jittor()  # before the modules below import Jittor: they find its environment set
 
@@ -46,7 +47,6 @@ from jdiff.train import diffusion_loss, weighted_loss  # noqa: E402
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": "float32", "fp16": "float16"}
-COMPILE_MODES = ("no", "replay")
 # How Jittor says the GPU ran out of memory: its allocator's own error (after it freed its cache and retried),
 # the CUDA runtime's, and cuDNN's or cuBLAS's
 OUT_OF_MEMORY_SIGNS = ("Unable to alloc cuda device memory", "cudaErrorMemoryAllocation", "STATUS_ALLOC_FAILED")
@@ -111,14 +111,12 @@ class JittorEngine(Engine):
     name = "jittor"
     fallback_precisions = ("no",)
 
-    def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
-                 prediction_type: Optional[str] = None, allow_pickle: bool = False, compile: str = "no"):
-        if mixed_precision not in DTYPES:
-            raise EngineError(f"engine.mixed_precision={mixed_precision}: the Jittor engine runs in float32 (no) or "
-                              "fp16; use one of those, or engine=torch for bf16.")
-        if compile not in COMPILE_MODES:
-            raise EngineError(f"engine.compile={compile}: the Jittor engine runs eagerly (no) or replays recorded "
-                              "execution plans (replay); use one of those.")
+    def __init__(self, model_dir: Path, options: JittorOptions, *, prediction_type: Optional[str] = None,
+                 deterministic: bool = False):
+        # The option values are checked by JittorOptions.problem (create_engine and jdiff.validate call it); a
+        # device the machine lacks is use_device's to refuse. deterministic: Jittor has no such setting yet (ignored).
+        device, mixed_precision, allow_pickle, compile = (options.device, options.mixed_precision,
+                                                          options.allow_pickle, options.compile)
         use_device(jt, device)
         self.replay = compile == "replay"
         if self.replay:

@@ -22,8 +22,8 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from jdiff.devices import DeviceError, torch_device
-from jdiff.engines.base import (Engine, EngineError, OptimizerSettings, TrainBatch, out_of_memory,
-                               triton_interpreting)
+from jdiff.engines.base import Engine, EngineError, OptimizerSettings, TrainBatch, out_of_memory
+from jdiff.engines.options import TorchOptions, triton_interpreting
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
@@ -123,11 +123,15 @@ class TorchEngine(Engine):
     name = "torch"
     fallback_precisions = ("bf16", "no")
 
-    def __init__(self, model_dir: Path, *, device: str = "auto", mixed_precision: str = "no",
-                 prediction_type: Optional[str] = None, allow_pickle: bool = False,
-                 threads: Optional[int] = None, deterministic: bool = False, compile: str = "no",
-                 group_norm: str = "native", channels_last: bool = False):
-        configure_torch(threads, deterministic)
+    def __init__(self, model_dir: Path, options: TorchOptions, *, prediction_type: Optional[str] = None,
+                 deterministic: bool = False):
+        # The option values are checked by TorchOptions.problem (create_engine and jdiff.validate call it). Here and
+        # in _convolution_layout only what needs the runtime: fp16 and cuda-graphs on the device that device=auto
+        # picked, and whether Triton is installed for group_norm=triton.
+        device, mixed_precision, allow_pickle, compile = (options.device, options.mixed_precision,
+                                                          options.allow_pickle, options.compile)
+        group_norm, channels_last = options.group_norm, options.channels_last
+        configure_torch(options.threads, deterministic)
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
         self.dtype = DTYPES[mixed_precision]
@@ -178,8 +182,6 @@ class TorchEngine(Engine):
         memory format. cuDNN runs half-precision convolutions in NHWC and converts NCHW tensors around each one;
         PyTorch's CUDA GroupNorm returns NCHW, so channels-last alone mostly moves the conversions to the norms.
         The Triton GroupNorm keeps its input's memory format."""
-        if group_norm not in ("native", "triton"):
-            raise EngineError(f"engine.group_norm={group_norm!r} is unknown; use native or triton")
         if group_norm == "triton":
             if importlib.util.find_spec("triton") is None:
                 raise EngineError("engine.group_norm=triton needs Triton (pip install triton; PyTorch's CUDA builds "

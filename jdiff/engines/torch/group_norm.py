@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from jdiff.engines.base import triton_interpreting
+from jdiff.engines.options import triton_interpreting
 
 TARGET_PROGRAMS = 1024  # programs per launch to aim for: several waves on the largest GPUs
 TILE = 4096  # elements (channels x positions) one program holds at a time
