@@ -47,7 +47,6 @@ import json
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,6 +54,8 @@ from typing import Optional
 import numpy as np
 
 from jdiff import rundir
+from jdiff.bench.baseline import RANK, TARGETS, Baseline
+from jdiff.bench.memory import GpuMemoryWatch
 
 VARIANTS = {
     "baseline": {},
@@ -80,8 +81,6 @@ REFERENCE = "torch"  # the fp32 engine every speed path is checked against
 # allowed difference from the reference: max relative loss difference, mean absolute pixel difference (levels)
 CHECK_LIMITS = {"no": (1e-3, 1.0), "bf16": (3e-2, 8.0), "fp16": (1e-2, 4.0)}
 CHECK_STEPS = 5  # training steps compared; with cuda-graphs, the first two run eagerly and the rest replay
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-RANK = 32
 STYLE_PROMPT, PRIOR_PROMPT = "an image of wheat field in style_00", "an image of wheat field"
 OBJECTS = ["Dolphin", "Lighthouse", "Bicycle", "Owl", "Violin"]
 E2E_OBJECTS = 25
@@ -118,69 +117,6 @@ def generate_requests(resolution: int, latent: tuple, images: int, batch: int, s
         yield GenerateRequest(prompts=prompts, noise=rng.standard_normal((n, *latent)).astype(np.float32),
                               steps=steps, guidance_scale=7.5, init_image=init, strength=0.9,
                               init_posterior_noise=rng.standard_normal((n, *latent)).astype(np.float32))
-
-
-class Baseline:
-    """The reference DreamBooth-LoRA training script's step and a plain diffusers img2img pipeline, fp32."""
-
-    name = "baseline"
-
-    def __init__(self, model_dir: Path, device: str):
-        import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from peft import LoraConfig
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        self.torch, self.device = torch, torch.device(device)
-        self.tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").to(self.device)
-        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(self.device)
-        self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to(self.device)
-        self.scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-        for model in (self.text_encoder, self.vae, self.unet):
-            model.requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                         target_modules=list(TARGETS)))
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-
-    def latent_shape(self, resolution: int) -> tuple:
-        return (4, resolution // 8, resolution // 8)
-
-    def train_step(self, batch) -> float:
-        torch = self.torch
-        pixels = torch.from_numpy(batch.pixels).to(self.device)
-        latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.from_numpy(batch.timesteps).to(self.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        ids = self.tokenizer(batch.prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        states = self.text_encoder(ids)[0]
-        pred = self.unet(noisy, timesteps, states).sample
-        target = (self.scheduler.get_velocity(latents, noise, timesteps)
-                  if self.scheduler.config.prediction_type == "v_prediction" else noise)
-        pred, prior_pred = pred.chunk(2)
-        target, prior_target = target.chunk(2)
-        loss = torch.nn.functional.mse_loss(pred, target) + torch.nn.functional.mse_loss(prior_pred, prior_target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return loss.item()
-
-    def generate(self, request) -> list:
-        from diffusers import StableDiffusionImg2ImgPipeline
-        from PIL import Image
-
-        pipe = StableDiffusionImg2ImgPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                              unet=self.unet, scheduler=self.scheduler, safety_checker=None,
-                                              feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        init = Image.fromarray(((request.init_image.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8))
-        return list(pipe(prompt=request.prompts, image=init, strength=request.strength,
-                         num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                         output_type="np").images)
 
 
 def load(variant: str, model_dir: Path, device: str):
@@ -346,41 +282,6 @@ def loop_speed(loss_log: Path) -> dict:
 
 
 # -- the parent: one child process per measurement ----------------------------------------------------------
-
-
-class GpuMemoryWatch:
-    """Peak GPU memory of one process (and its children), polled from nvidia-smi."""
-
-    def __init__(self, pid: int):
-        self.pids, self.peak_mib, self._stop = {pid}, 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                return
-            used = sum(int(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
-                       if int(p) in self.pids | children(self.pids))
-            self.peak_mib = max(self.peak_mib, used)
-
-    def stop(self) -> Optional[float]:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_mib / 1024 if self.peak_mib else None
-
-
-def children(pids: set) -> set:
-    found = set()
-    for pid in pids:
-        try:
-            found |= {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-        except OSError:
-            pass
-    return found | (children(found) if found else set())
 
 
 def run_child(variant: str, section: str, argv: list[str]) -> dict:
