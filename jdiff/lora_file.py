@@ -5,10 +5,18 @@ A file holds, for each adapted linear layer ``M`` of the UNet or text encoder,
 likewise), and the safetensors metadata ``lora_adapter_metadata``: per prefix the rank, alpha and target
 modules, as peft's LoraConfig names them. The update a layer applies is ``(alpha / rank) * B @ A @ x``.
 
+Reading also takes the kohya-ss layout that AUTOMATIC1111's WebUI and ComfyUI load (what ``jdiff.export``
+writes): ``lora_unet_<M with . as _>.lora_down.weight`` (= A), ``.lora_up.weight`` (= B) and ``.alpha`` (a
+scalar, that module's alpha; none: alpha = rank), ``lora_te_`` for the text encoder. Its names lost their dots
+(``to_out_0``: ``to_out.0`` or ``to_out_0``?), so they are matched against the model's own linear layers
+(``module_names``, which ``Engine.load_lora`` gives); a kohya file whose modules have other alphas or ranks
+becomes one rank and alpha per model, the difference folded into B (zero rows and columns pad the lower
+ranks), which changes no output.
+
 Reading checks every value before any model sees it, and a file that cannot work raises
 :class:`AdapterFileError` (a ValueError) naming the file, the key and what to do: non-finite tensors, a lora_A
 without its lora_B, ranks that disagree, a broken ``lora_adapter_metadata`` (not JSON, not an object, a rank
-or alpha of the wrong type or value), other layouts (kohya/webui, old diffusers, DoRA, ...), files that are
+or alpha of the wrong type or value), other layouts (SDXL, LyCORIS, old diffusers, DoRA, ...), files that are
 no safetensors. ``check_adapter_file(path)`` runs these checks alone, for code that checks a config before
 loading a model; the checks that need the model (module names, layer sizes) are ``Engine.load_lora``'s.
 """
@@ -17,8 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -34,6 +44,10 @@ SHOWN = 3  # how many keys an error message lists
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # a pickle starts with 0x80 and its protocol
 FIX = "train the adapter again, or point lora.path at another adapter file"
+# The kohya-ss (WebUI, ComfyUI) layout: the prefix of each model's module names, and the parts of one module
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+ModuleNames = Callable[[str], Iterable[str]]  # prefix -> the dotted names of the model's linear layers
 
 
 class AdapterFileError(ValueError):
@@ -64,6 +78,21 @@ def module_suffix(module: str) -> str:
     """The short name peft matches a layer by: ``to_q``, ``q_proj``, or ``to_out.0`` for numbered ones."""
     parts = module.split(".")
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def kohya_name(prefix: str, module: str) -> str:
+    """The kohya-ss name of a module: ``lora_unet_`` / ``lora_te_`` and the dotted name with ``.`` as ``_``."""
+    return KOHYA_PREFIXES[prefix] + module.replace(".", "_")
+
+
+def linear_layer_names(model, prefix: str) -> list[str]:
+    """The names, as a LoRA file spells them, of the linear layers of ``model`` (a torch or Jittor module: a
+    layer with integer ``in_features`` and ``out_features``). Text-encoder names carry ``text_model.`` as in
+    real SD checkpoints, also where the model has no such submodule (transformers 5's CLIPTextModel)."""
+    extra = "text_model." if prefix == "text_encoder" and not hasattr(model, "text_model") else ""
+    return [extra + name for name, module in model.named_modules()
+            if name and isinstance(getattr(module, "in_features", None), int)
+            and isinstance(getattr(module, "out_features", None), int)]
 
 
 def save_adapters(path: Path, adapters: dict[str, Adapter], extra_metadata: dict | None = None) -> Path:
@@ -110,18 +139,42 @@ def check_adapter_file(path: Path) -> Path:
     does; returns the file. Raises :class:`AdapterFileError` (a ValueError) naming the file, the key and the
     fix. The checks that need the model (module names, layer shapes) are the engine's, in ``load_lora``."""
     file = adapter_file(path)
-    load_adapters(file)
+    _load(file, None)
     return file
 
 
-def load_adapters(path: Path) -> dict[str, Adapter]:
-    """Read a LoRA file written by jdiff or diffusers (peft key layout, optional alpha metadata), every value
-    checked: finite tensors, A and B of each layer present and of one rank, a readable metadata entry. Raises
-    :class:`AdapterFileError` (a ValueError) naming the file and the key."""
+def is_kohya_file(path: Path) -> bool:
+    """Whether the LoRA file (or run folder) ``path`` is in the kohya-ss (WebUI, ComfyUI) layout; unreadable
+    files raise :class:`AdapterFileError`."""
     path = adapter_file(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError):
+        keys = list(_read_safetensors(path)[0])  # raises with the message for what the file is instead
+    return _kohya_layout(sorted(keys))
+
+
+def load_adapters(path: Path, module_names: Optional[ModuleNames] = None) -> dict[str, Adapter]:
+    """Read a LoRA file written by jdiff or diffusers (peft key layout, optional alpha metadata), or by kohya-ss
+    tools (``jdiff.export``'s webui/comfyui formats), every value checked: finite tensors, A and B of each layer
+    present and of one rank, a readable metadata entry. A kohya file's module names are matched against
+    ``module_names(prefix)``, the dotted names of the model's linear layers (:func:`linear_layer_names`), so it
+    needs them. Raises :class:`AdapterFileError` (a ValueError) naming the file and the key."""
+    path = adapter_file(path)
+    if module_names is None and is_kohya_file(path):
+        raise AdapterFileError(f"{path} is a kohya-ss (WebUI/ComfyUI) LoRA; its module names are matched against "
+                               f"the model's layers, so jdiff reads it into a model (lora.path={path}).")
+    return _load(path, module_names)
+
+
+def _load(path: Path, module_names: Optional[ModuleNames]) -> dict[str, Adapter]:
+    """:func:`load_adapters`; a kohya file without ``module_names`` keeps its kohya names (checks only)."""
     tensors, metadata = _read_safetensors(path)
     if not tensors:
         raise AdapterFileError(f"LoRA file {path} holds no tensors; {FIX}.")
+    if _kohya_layout(sorted(tensors)):
+        return _kohya_adapters(path, tensors, module_names)
     _refuse_foreign_layout(path, sorted(tensors))
     meta = _adapter_metadata(path, metadata)
     adapters: dict[str, Adapter] = {}
@@ -205,12 +258,6 @@ def _bfloat16_tensor(path: Path, key: str) -> np.ndarray:
 
 # Key spellings of LoRA layouts jdiff does not read, by what they say about the file
 FOREIGN_LAYOUTS = (
-    (lambda k: k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) or ".lora_down." in k
-     or ".lora_up." in k,
-     "is a kohya-ss / AUTOMATIC1111 (webui) LoRA, a format jdiff does not support yet (a conversion is "
-     "planned). Convert it to the diffusers/peft layout first (unet.<module>.lora_A.weight; diffusers' "
-     "pipe.load_lora_weights reads it, and pipe.save_lora_weights writes that layout), or train the adapter with "
-     "jdiff"),
     (lambda k: ".processor." in k or k.endswith(("_lora.down.weight", "_lora.up.weight")),
      "is an old diffusers attention-processor LoRA (keys like ...processor.to_q_lora.down.weight). Re-save it "
      "in the current layout: load it with diffusers' pipe.load_lora_weights, then pipe.save_lora_weights"),
@@ -227,6 +274,123 @@ FOREIGN_LAYOUTS = (
     (lambda k: (".lora_A." in k or ".lora_B." in k) and k.endswith(".bias"),
      "has LoRA biases (peft's lora_bias), which jdiff does not support; train an adapter without them"),
 )
+# The same for kohya-ss files: what a module's part (the key after the module name) or name says
+KOHYA_FOREIGN_PARTS = (
+    (lambda part: part == "dora_scale",
+     "is a DoRA adapter (dora_scale), which jdiff does not support; use a plain LoRA"),
+    (lambda part: part.startswith(("hada_", "lokr_", "lora_mid")) or part in ("a1.weight", "a2.weight", "b1.weight",
+                                                                              "b2.weight", "oft_blocks", "on_input"),
+     "is a LyCORIS network (LoHa, LoKr, LoCon/Tucker, GLoRA, OFT or IA3), which jdiff does not support; use a "
+     "plain LoRA (lora_down/lora_up)"),
+    (lambda part: part in ("diff", "diff_b", "w_norm", "b_norm", "set_weight", "bias"),
+     "changes whole weights or biases (a full, norm or bias difference), which jdiff does not support; use a "
+     "plain LoRA (lora_down/lora_up)"),
+)
+KOHYA_OTHER_MODELS = "is a kohya-ss LoRA for another architecture ({what}); jdiff adapts Stable Diffusion's UNet and " \
+                     "text encoder (lora_unet_..., lora_te_...): use an adapter for this model"
+
+
+def _kohya_layout(keys: list[str]) -> bool:
+    return any(k.startswith("lora_") or ".lora_down." in k or ".lora_up." in k for k in keys)
+
+
+def _kohya_adapters(path: Path, tensors: dict[str, np.ndarray], module_names: Optional[ModuleNames]) \
+        -> dict[str, Adapter]:
+    """The adapters of a kohya-ss file, checked as a jdiff file is; see the module's docstring."""
+    parts: dict[str, dict[str, np.ndarray]] = {}  # "lora_unet_<module>" -> part -> tensor
+    for key in sorted(tensors):
+        stem, _, part = key.partition(".")
+        for matches, what in KOHYA_FOREIGN_PARTS:
+            if matches(part):
+                raise AdapterFileError(f"LoRA file {path} (key {key!r}) {what}.")
+        if stem.startswith(("lora_te1_", "lora_te2_")):
+            raise AdapterFileError(f"LoRA file {path} (key {key!r}) "
+                                   f"{KOHYA_OTHER_MODELS.format(what='SDXL: two text encoders, lora_te1_/lora_te2_')}.")
+        if not stem.startswith(tuple(KOHYA_PREFIXES.values())) or part not in (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA):
+            if stem.startswith("lora_") and part in (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA):
+                raise AdapterFileError(f"LoRA file {path} (key {key!r}) "
+                                       f"{KOHYA_OTHER_MODELS.format(what=stem.split('_')[1] + ' keys')}.")
+            raise AdapterFileError(f"{path}: unexpected key {key!r}; a kohya-ss (WebUI/ComfyUI) LoRA file holds "
+                                   f"lora_unet_<module>.lora_down.weight, .lora_up.weight and .alpha (lora_te_<module>"
+                                   f"... likewise) and nothing else.")
+        value = tensors[key]
+        if part == KOHYA_ALPHA:
+            if not np.issubdtype(value.dtype, np.floating) or value.size != 1:
+                raise AdapterFileError(f"{path}: {key} has shape {tuple(value.shape)} ({value.dtype}); a module's "
+                                       f"alpha is one number: {FIX}.")
+        else:
+            _check_tensor(path, key, value)
+        parts.setdefault(stem, {})[part] = value
+    _refuse_non_finite(path, tensors)
+    found: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
+    for stem, held in sorted(parts.items()):
+        if KOHYA_DOWN not in held or KOHYA_UP not in held:
+            have = " and ".join(f"{stem}.{p}" for p in sorted(held))
+            lack = KOHYA_DOWN if KOHYA_DOWN not in held else KOHYA_UP
+            raise AdapterFileError(f"{path}: {stem}.{lack} is missing (the file has {have}); every adapted layer "
+                                   f"needs lora_down and lora_up, so the file is incomplete: {FIX}.")
+        down, up = held[KOHYA_DOWN], held[KOHYA_UP]
+        if down.shape[0] != up.shape[1]:
+            raise AdapterFileError(
+                f"{path}: {stem}.{KOHYA_DOWN} has rank {down.shape[0]} (shape {tuple(down.shape)}) but {stem}."
+                f"{KOHYA_UP} has rank {up.shape[1]} (shape {tuple(up.shape)}); lora_down is rank x in and lora_up "
+                f"is out x rank, of one rank: {FIX}.")
+        rank = down.shape[0]
+        alpha = float(held[KOHYA_ALPHA].reshape(-1)[0]) if KOHYA_ALPHA in held else float(rank)
+        if not alpha > 0:
+            raise AdapterFileError(f"{path}: {stem}.{KOHYA_ALPHA} = {alpha:g}; an alpha is a number > 0 (the layer's "
+                                   f"update is scaled by alpha / rank): {FIX}.")
+        prefix = next(p for p, start in KOHYA_PREFIXES.items() if stem.startswith(start))
+        found.setdefault(prefix, {})[stem] = (down.astype(np.float32), up.astype(np.float32), alpha)
+    adapters = {}
+    for prefix, modules in found.items():
+        names = _kohya_module_names(path, prefix, sorted(modules), module_names)
+        adapters[prefix] = _one_rank_and_alpha({names[stem]: value for stem, value in modules.items()})
+    return adapters
+
+
+def _kohya_module_names(path: Path, prefix: str, stems: list[str], module_names: Optional[ModuleNames]) \
+        -> dict[str, str]:
+    """The model's dotted module name of each kohya name: the model's linear layer whose kohya name it is."""
+    start = KOHYA_PREFIXES[prefix]
+    if module_names is None:  # checks only: the names stay kohya's
+        return {stem: stem[len(start):] for stem in stems}
+    table: dict[str, Optional[str]] = {}
+    for name in module_names(prefix):
+        kohya = kohya_name(prefix, name)
+        table[kohya] = name if table.get(kohya, name) == name else None  # None: two layers, one kohya name
+    unknown = [s for s in stems if s not in table]
+    if unknown:
+        listed = ", ".join(unknown[:SHOWN]) + (", ..." if len(unknown) > SHOWN else "")
+        raise AdapterFileError(
+            f"{path}: the {prefix} of the model has no linear layer whose kohya-ss name is {unknown[0]} "
+            f"({len(unknown)} of the file's {len(stems)} {start}... modules match none: {listed}). Was the adapter "
+            f"trained on another model (SD 1.x, SDXL, another UNet)? Use an adapter trained on this model.")
+    ambiguous = [s for s in stems if table[s] is None]
+    if ambiguous:
+        raise AdapterFileError(f"{path}: {ambiguous[0]} names more than one linear layer of the model's {prefix} "
+                               f"(the kohya-ss names lose the dots); jdiff cannot tell which it adapts.")
+    return {stem: table[stem] for stem in stems}
+
+
+def _one_rank_and_alpha(modules: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> Adapter:
+    """One Adapter (one rank, one alpha) for modules of their own ranks and alphas, with the same updates: the
+    rank is the largest, the scale (alpha / rank) the most common; a module of another scale gets its B times
+    its scale / that scale, and a lower rank zero rows in A and zero columns in B."""
+    rank = max(down.shape[0] for down, _, _ in modules.values())
+    scales = Counter(alpha / down.shape[0] for down, _, alpha in modules.values())
+    scale = max(scales, key=lambda s: (scales[s], s))
+    alphas = [alpha for down, _, alpha in modules.values() if down.shape[0] == rank and alpha / rank == scale]
+    adapter = Adapter(rank=rank, alpha=alphas[0] if alphas else scale * rank)
+    for name, (down, up, alpha) in sorted(modules.items()):
+        own = alpha / down.shape[0]
+        if own != scale:
+            up = (up.astype(np.float64) * (own / scale)).astype(np.float32)
+        if down.shape[0] < rank:
+            down = np.concatenate([down, np.zeros((rank - down.shape[0], down.shape[1]), np.float32)])
+            up = np.concatenate([up, np.zeros((up.shape[0], rank - up.shape[1]), np.float32)], axis=1)
+        adapter.layers[name] = (down, up)
+    return adapter
 
 
 def _refuse_foreign_layout(path: Path, keys: list[str]) -> None:

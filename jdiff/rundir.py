@@ -3,6 +3,8 @@
 A run directory holds (see the README's "Where results go"):
 
     config.yaml, lora.safetensors, loss.csv, images/, scores.json, contact_sheet.png   the run's outputs
+    lora.webui.safetensors, lora.comfyui.safetensors, lora.diffusers.safetensors        the adapter exported
+               by ``python -m jdiff.export <run>`` (outputs too: a run that is redone removes them with the rest)
     COMPLETE   written last: {"final_score", "seconds", "stages", "stage_seconds"}; the run finished
     FAILED     instead, when it failed: {"error", "type"}
     job.json   in a sweep: where and when the run's process ran
@@ -38,8 +40,10 @@ FAILED = "FAILED"
 JOB = "job.json"
 HYDRA = ".hydra"
 LOCK = ".lock"
+# The adapter of the run in another format, by jdiff.export's format name
+EXPORTS = {fmt: f"lora.{fmt}.safetensors" for fmt in ("webui", "comfyui", "diffusers")}
 # What a run writes (and what overwrite=true removes), and everything else that may be in a run directory.
-OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB)
+OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB, *EXPORTS.values())
 RECORD = (LOG, HYDRA, LOCK)
 # Keys that say where and how a run is placed, not what it computes: a run may resume with other values.
 PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep", "overwrite")

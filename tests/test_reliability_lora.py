@@ -205,14 +205,21 @@ def test_bfloat16_files_load(good_lora, tmp_path):
 
 # -- other layouts and files that are no LoRA ------------------------------------------------------------------
 
-def test_kohya_files_are_refused_as_not_supported_yet(engine, tmp_path):
+def test_kohya_files_load_and_those_of_other_architectures_are_refused(engine, tiny_model_dir, tmp_path):
+    """kohya/webui files load (tests/test_export.py checks them in depth); SDXL's are refused by key."""
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{key}.lora_down.weight": np.zeros((4, 16), np.float32),
+               f"{key}.lora_up.weight": np.zeros((16, 4), np.float32), f"{key}.alpha": np.array(2.0, np.float32)}
     out = tmp_path / "webui.safetensors"
-    save_file({f"{key}.lora_down.weight": np.zeros((4, 16), np.float32),
-               f"{key}.lora_up.weight": np.zeros((16, 4), np.float32),
-               f"{key}.alpha": np.array(4.0, np.float32)}, str(out))
-    message = refused(out, engine, "kohya", "webui", "not support", "yet", key)
-    assert "unexpected key" not in message
+    save_file(tensors, str(out))
+    assert check_adapter_file(out) == out
+    fresh = torch_engine(tiny_model_dir)
+    fresh.load_lora(out)
+    assert fresh.lora_settings == {"unet": (4, 2.0)}
+    sdxl = tmp_path / "sdxl.safetensors"
+    te2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({**tensors, f"{te2}.lora_down.weight": np.zeros((4, 32), np.float32)}, str(sdxl))
+    refused(sdxl, engine, "kohya", "SDXL", te2)
 
 
 @pytest.mark.parametrize("key,words", [

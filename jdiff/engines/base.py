@@ -219,13 +219,15 @@ class Engine(abc.ABC):
             self.lora_settings[prefix] = (rank, float(alpha))
 
     def load_lora(self, path: Path) -> None:
-        """Attach the adapters stored in a jdiff/diffusers LoRA .safetensors file (or a run folder's
-        lora.safetensors). Every value is checked first (:func:`jdiff.lora_file.load_adapters`), then every
-        tensor against the layer it adapts (:func:`lora_misfits`): a file that cannot work is refused by name,
-        before any image is made."""
+        """Attach the adapters stored in a jdiff/diffusers or kohya-ss (WebUI/ComfyUI) LoRA .safetensors file (or
+        a run folder's lora.safetensors). Every value is checked first (:func:`jdiff.lora_file.load_adapters`;
+        kohya names are matched against the model's linear layers), then every tensor against the layer it
+        adapts (:func:`lora_misfits`): a file that cannot work is refused by name, before any image is made."""
+        from jdiff.lora_file import linear_layer_names
+
         try:
             file = adapter_file(path)
-            stored = load_adapters(file)
+            stored = load_adapters(file, lambda prefix: linear_layer_names(self._models()[prefix], prefix))
         except ValueError as err:
             raise EngineError(str(err)) from err
         model = getattr(self, "model_dir", "this engine's model")
