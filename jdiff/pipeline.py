@@ -159,10 +159,10 @@ class Run:
     def generated_images(self) -> list[tuple[str, np.ndarray]]:
         return [(o, load_rgb(self.dir / "images" / image_file_name(o))) for o in self.style.prompt_objects]
 
-    def write_contact_sheet(self) -> None:
+    def write_contact_sheet(self, scores: Optional[dict] = None) -> None:
         res = min(self.cfg.data.resolution, 256)
         refs = list(zip(self.style.objects, self.style.images_at(res)))
-        sheet = contact_sheet(refs, self.generated_images(), title=f"style {self.style.style_id}")
+        sheet = contact_sheet(refs, self.generated_images(), title=f"style {self.style.style_id}", scores=scores)
         save_png(self.dir / "contact_sheet.png", sheet)
 
 
@@ -237,6 +237,8 @@ def _run(cfg: DictConfig, run_dir: Path, started: float) -> Optional[float]:
         run.timed("generate", run.generate)
         run.write_contact_sheet()
     scores = run.timed("score", run.score) if "score" in stages else None
+    if scores is not None:  # drawn again, now with the final score (the one above stays if scoring fails)
+        run.write_contact_sheet(scores)
     seconds = round(time.perf_counter() - started, 2)
     final = scores["final"]["value"] if scores else None
     write_json(run_dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages,

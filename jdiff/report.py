@@ -3,9 +3,18 @@
 Writes into the sweep folder:
 
     scores.csv    one row per run: its overrides, status, final score, every metric, duration, error, problem
-    scores.md     the same table and the per-setting summary, for a terminal or a notebook
+    scores.md     the same table and the per-setting summary, for a terminal or a notebook, with the best run
+                  marked and links to each run's files
     report.html   the same, self-contained: thumbnails of each run's images and of the style references
-                  are embedded, so the file can be mailed or archived alone
+                  and the plots (inline SVG, jdiff.plots) are embedded, so the file can be mailed or archived
+                  alone. It fits a 1366-1440 px window: each table scrolls inside its own box, never the page,
+                  and thumbnails keep a fixed size. The best run (highest final score among complete runs)
+                  has the row class "best" and a visible marker; each run links to its folder and to those of
+                  its contact sheet, adapter and log that exist, by URLs relative to the sweep folder (so it
+                  can be moved with its report). The plots: the training loss of every run with a loss.csv,
+                  and for each key that varies across the runs, the final score against its value (a numeric
+                  axis when every value is a number, log-scaled when they span 10 times or more, otherwise a
+                  categorical one) with the mean per value.
 
 A run is a sub-folder with Hydra's ``.hydra/`` record, read through :mod:`jdiff.rundir`. Its status is
 
@@ -27,7 +36,8 @@ with each value.
 What each output escapes, and why: values come from the user (override values, run names, error messages)
 and are text, never markup or code.
 
-    report.html   every value is HTML-escaped (& < > and quotes): a browser would otherwise run it.
+    report.html   every value is HTML-escaped (& < > and quotes), in the plots' SVG text too: a browser would
+                  otherwise run it. Link URLs are percent-encoded: a run named "a:b" or "#1" stays a path.
     scores.md     & < > become HTML entities: Markdown renderers (GitHub, notebooks) pass raw HTML through.
                   | becomes \\| and \\ becomes \\\\ so that a value stays in its table cell, and line breaks
                   become spaces. Printed in a terminal, the entities show as they are.
@@ -45,6 +55,7 @@ import csv
 import errno
 import html
 import io
+import math
 import os
 import re
 import sys
@@ -52,17 +63,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
-from jdiff import rundir
+from jdiff import plots, rundir
 from jdiff.files import write_text
-from jdiff.rundir import (COMPLETE, CONFIG, FAILED, HYDRA, IMAGES, SCORES, finite_number, read_config, read_json,
-                          read_overrides)
+from jdiff.rundir import (COMPLETE, CONFIG, FAILED, HYDRA, IMAGES, LOG, LORA, LOSS, SCORES, SHEET, finite_number,
+                          read_config, read_json, read_overrides)
 from jdiff.scoring.final import METRICS
 
 STATUS_ORDER = {"complete": 0, "failed": 1, "broken": 2, "unfinished": 3}
 REPORT_FILES = ("scores.csv", "scores.md", "report.html")
-THUMB_SIZE = 72
+THUMB_SIZE = 64  # pixels, the longer side; shown at this size, four to a row
 THUMBS_PER_RUN = 8
+# What a run's "files" links point to, when the file is there: (label, name in the run folder).
+LINKS = (("sheet", SHEET), ("adapter", LORA), ("log", LOG))
+LOSS_POINTS = 300  # the most points of one loss curve that go into the report
+BEST_MARK = "\u2605 best"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -86,6 +102,8 @@ class RunRecord:
     problems: list[str] = field(default_factory=list)  # what is wrong with the run's files
     settings_known: bool = True  # False when .hydra/overrides.yaml cannot be read
     thumbs: list[tuple[str, str]] = field(default_factory=list)  # (image name, data URI) of its first images
+    links: dict[str, str] = field(default_factory=dict)  # label -> URL relative to the sweep folder (see run_links)
+    loss: list[tuple[float, float]] = field(default_factory=list)  # (step, loss) from loss.csv
 
     @property
     def problem(self) -> str:
@@ -177,7 +195,63 @@ def read_run(run_dir: Path) -> RunRecord:
             record.references = Path(str(root)) / record.style / "images"
     record.thumbs, problems = _thumbs(run_dir / IMAGES, THUMBS_PER_RUN)
     record.problems += problems
+    record.links = run_links(run_dir)
+    record.loss, problem = read_loss(run_dir / LOSS)
+    if problem:
+        record.problems.append(problem)
     return record
+
+
+def run_links(run_dir: Path) -> dict[str, str]:
+    """The run's folder, and those of its contact sheet, adapter and log that exist, as URLs relative to the
+    sweep folder (where the report is), so that the sweep folder can be moved or copied with its report. The
+    run's name is percent-encoded whole: a name such as "a:b" or "#1" stays a path."""
+    base = quote(run_dir.name, safe="")
+    links = {"folder": base + "/"}
+    for label, name in LINKS:
+        try:
+            there = (run_dir / name).is_file()
+        except OSError:
+            there = False
+        if there:
+            links[label] = f"{base}/{quote(name)}"
+    return links
+
+
+def read_loss(path: Path) -> tuple[list[tuple[float, float]], Optional[str]]:
+    """(step, loss) of each row of a run's loss.csv with a finite loss (a diverged step has none), and what is
+    wrong with the file; ([], None) when there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], None
+    except (OSError, UnicodeDecodeError) as err:
+        return [], f"{path.name} cannot be read ({getattr(err, 'strerror', None) or err})"
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        columns = reader.fieldnames or []
+        if "step" not in columns or "loss" not in columns:
+            return [], f"{path.name} has no step and loss columns" if text.strip() else f"{path.name} is empty"
+        rows = list(reader)
+    except csv.Error as err:
+        return [], f"{path.name} is not CSV ({err})"
+    points, bad = [], 0
+    for row in rows:
+        step, loss = _float(row.get("step")), _float(row.get("loss"))
+        if step is None or loss is None:
+            bad += 1
+        elif math.isfinite(step) and math.isfinite(loss):  # NaN or inf: a diverged step, not drawn
+            points.append((step, loss))
+    if bad:
+        return points, f"{path.name}: {bad} of {len(rows)} rows have no number for step or loss"
+    return points, None
+
+
+def _float(text) -> Optional[float]:
+    try:
+        return float(str(text).strip())
+    except (TypeError, ValueError):
+        return None
 
 
 def _read(reader, run_dir: Path, empty):
@@ -237,12 +311,24 @@ def swept_keys(runs: list[RunRecord]) -> list[str]:
     return varying + [k for k in keys if k not in varying]
 
 
+def best_run(runs: list[RunRecord]) -> Optional[RunRecord]:
+    """The complete run with the highest final score (of several equal, the first in ``runs``), or None."""
+    scored = [r for r in runs if r.status == "complete" and r.final is not None]
+    return max(scored, key=lambda r: r.final) if scored else None
+
+
+def varying_keys(runs: list[RunRecord]) -> list[str]:
+    """The override keys that take more than one value among the runs whose overrides could be read."""
+    known = [r for r in runs if r.settings_known]
+    return [k for k in swept_keys(known) if len({r.overrides.get(k) for r in known}) > 1]
+
+
 def setting_summary(runs: list[RunRecord]) -> list[dict]:
     """Per value of each key that varies: runs, complete runs, mean and best final score. Runs whose overrides
     cannot be read are left out: what they were run with is not known."""
     runs = [r for r in runs if r.settings_known]
     rows = []
-    for key in [k for k in swept_keys(runs) if len({r.overrides.get(k) for r in runs}) > 1]:
+    for key in varying_keys(runs):
         for value in dict.fromkeys(r.overrides.get(key) for r in runs):
             group = [r for r in runs if r.overrides.get(key) == value]
             finals = [r.final for r in group if r.final is not None]
@@ -311,14 +397,28 @@ def _counts(runs: list[RunRecord]) -> str:
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "broken")
 
 
+def _best_text(best: Optional[RunRecord]) -> str:
+    if best is None:
+        return "No complete run has a final score yet."
+    return f"Best run: {best.name}, final score {_final_text(best)}."
+
+
+def _md_links(r: RunRecord) -> str:
+    # The URLs are percent-encoded (run_links): nothing in them is Markdown or HTML syntax.
+    return " ".join(f"[{label}]({url})" for label, url in r.links.items())
+
+
 def markdown(runs: list[RunRecord], sweep_dir: Path) -> str:
     keys = swept_keys(runs)
-    header = ["#", "run", "status", *keys, "final", *METRICS, "seconds", "error", "problem"]
-    lines = [f"# Sweep {_md_cell(sweep_dir)}", "", f"{len(runs)} runs: {_counts(runs)}.", "",
-             _md_row(header), "|" + " --- |" * len(header)]
+    best = best_run(runs)
+    header = ["#", "run", "status", *keys, "final", "best", *METRICS, "seconds", "error", "problem", "files"]
+    lines = [f"# Sweep {_md_cell(sweep_dir)}", "", f"{len(runs)} runs: {_counts(runs)}. {_md_cell(_best_text(best))}",
+             "", _md_row(header), "|" + " --- |" * len(header)]
     for i, r in enumerate(runs, 1):
-        lines.append(_md_row([i, r.name, r.status, *(r.overrides.get(k, "") for k in keys), _final_text(r),
-                              *(_num(r.metrics.get(m)) for m in METRICS), _num(r.seconds, 1), r.error, r.problem]))
+        cells = [i, r.name, r.status, *(r.overrides.get(k, "") for k in keys), _final_text(r),
+                 BEST_MARK if r is best else "", *(_num(r.metrics.get(m)) for m in METRICS), _num(r.seconds, 1),
+                 r.error, r.problem]
+        lines.append(_md_row(cells) + f" {_md_links(r)} |")
     summary = setting_summary(runs)
     if summary:
         lines += ["", "## Mean final score per setting", "",
@@ -376,55 +476,208 @@ def _thumbs_html(thumbs: list[tuple[str, str]]) -> str:
     return "".join(f'<img src="{uri}" title="{esc(name)}" alt="{esc(name)}">' for name, uri in thumbs)
 
 
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 2em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; position: sticky; top: 0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.failed { background: #fdecea; } tr.broken { background: #f3e5f5; } tr.unfinished { background: #fff8e1; }
-.thumbs img { margin: 1px; border: 1px solid #ddd; }
-.error, .problem { color: #b71c1c; max-width: 30em; white-space: pre-wrap; }
+# -- plots ----------------------------------------------------------------------------------------------------
+
+_ID_LIKE = re.compile(r"[+-]?0\d")  # 00, 01, 007: names (style ids), not amounts
+
+
+def _is_number(value: Optional[str]) -> bool:
+    """An override value that is an amount: a plain number, not one written with a leading zero."""
+    if value is None:
+        return False
+    value = value.strip()
+    return bool(_PLAIN_NUMBER.fullmatch(value)) and not _ID_LIKE.match(value) and math.isfinite(float(value))
+
+
+def score_charts(runs: list[RunRecord]) -> list[plots.Chart]:
+    """For each key that varies across the runs: the final score of every scored complete run against the key's
+    value, and the mean per value. All numbers: a numeric axis (log when they are positive and span 10 times or
+    more: learning rates, ranks); otherwise (names such as style=00 among them) a categorical one with every
+    value, "(unset)" for a run that did not set it. [] when no run has a final score."""
+    known = [r for r in runs if r.settings_known]
+    scored = [r for r in known if r.status == "complete" and r.final is not None]
+    if not scored:
+        return []
+    charts = []
+    for key in varying_keys(runs):
+        values = [r.overrides.get(key) for r in known]
+        numeric = all(_is_number(v) for v in values)
+        if numeric:
+            position = {v: float(v) for v in values}
+            categories = None
+            log = min(position.values()) > 0 and max(position.values()) >= 10 * min(position.values())
+        else:
+            names = sorted({v for v in values if v is not None}, key=lambda v: (0, float(v), v) if _is_number(v)
+                           else (1, 0.0, v))  # numbers first, in order: 4 before 32
+            categories = names + (["(unset)"] if None in values else [])
+            position = {v: float(categories.index(v if v is not None else "(unset)")) for v in values}
+            log = False
+        points = sorted(((position[r.overrides.get(key)], r.final, r.name) for r in scored), key=lambda p: p[0])
+        by_x: dict[float, list[float]] = {}
+        for x, y, _ in points:
+            by_x.setdefault(x, []).append(y)
+        means = [(x, sum(ys) / len(ys)) for x, ys in sorted(by_x.items())]
+        charts.append(plots.Chart(
+            title=f"Final score by {key}", x_label=key + (" (log scale)" if log else ""), y_label="final score",
+            categories=categories, log_x=log,
+            series=[plots.Series("a run's final score", [(x, y) for x, y, _ in points], kind="points",
+                                 titles=[f"run {name}: {key}={_value_text(categories, x)}, final {y:.4f}"
+                                         for x, y, name in points]),
+                    plots.Series("mean per value", means, kind="line+points",
+                                 titles=[f"{key}={_value_text(categories, x)}: mean {y:.4f} of {len(by_x[x])} runs"
+                                         for x, y in means])]))
+    return charts
+
+
+def _value_text(categories: Optional[list[str]], x: float) -> str:
+    return categories[int(x)] if categories is not None else f"{x:g}"
+
+
+def smooth(points: list[tuple[float, float]], window: int, limit: int = LOSS_POINTS) -> list[tuple[float, float]]:
+    """The moving mean of the last ``window`` losses at each step, then at most ``limit`` points of it, evenly
+    spaced (the last one always kept)."""
+    if window > 1:
+        total, out = 0.0, []
+        for i, (x, y) in enumerate(points):
+            total += y - (points[i - window][1] if i >= window else 0.0)
+            out.append((x, total / min(i + 1, window)))
+        points = out
+    if len(points) > limit:
+        every = math.ceil(len(points) / limit)
+        points = points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
+    return points
+
+
+def loss_chart(runs: list[RunRecord]) -> Optional[plots.Chart]:
+    """The training loss of every run that has a loss.csv, one line each, the best run's drawn thicker. Logs of
+    200 steps or more are drawn as a moving mean over a 50th of the longest (the title says over how many
+    steps). None when no run has one."""
+    with_loss = [r for r in runs if r.loss]
+    if not with_loss:
+        return None
+    best, keys = best_run(runs), varying_keys(runs)
+    longest = max(len(r.loss) for r in with_loss)
+    window = longest // 50 if longest >= 200 else 1
+    series = []
+    for r in with_loss:
+        settings = ", ".join(f"{k}={r.overrides.get(k, '(unset)')}" for k in keys if r.settings_known)
+        label = f"run {r.name}" + (f" {BEST_MARK}" if r is best else "") + (f": {settings}" if settings else "")
+        series.append(plots.Series(label, smooth(r.loss, window), kind="line", highlight=r is best))
+    title = "Training loss" + (f" (moving mean over {window} steps)" if window > 1 else "")
+    return plots.Chart(title=title, x_label="step", y_label="loss", series=series)
+
+
+def charts(runs: list[RunRecord]) -> list[plots.Chart]:
+    loss = loss_chart(runs)
+    return ([loss] if loss else []) + score_charts(runs)
+
+
+# -- HTML -----------------------------------------------------------------------------------------------------
+
+CSS = f"""
+* {{ box-sizing: border-box; }}
+body {{ font-family: system-ui, sans-serif; margin: 1em; color: #222; }}
+h1 {{ font-size: 1.5em; overflow-wrap: anywhere; }}
+.box {{ max-width: 100%; overflow: auto; margin-bottom: 2em; border: 1px solid #ddd; }}
+.box.runs {{ max-height: 85vh; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 5px; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; position: sticky; top: 0; z-index: 1; }}
+td.key, .error, .problem {{ overflow-wrap: anywhere; }}
+td.status {{ white-space: nowrap; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
+tr.failed {{ background: #fdecea; }} tr.broken {{ background: #f3e5f5; }} tr.unfinished {{ background: #fff8e1; }}
+tr.best {{ background: #e8f5e9; outline: 2px solid #2e7d32; outline-offset: -2px; }}
+.best-mark {{ display: inline-block; margin-left: 4px; padding: 0 4px; border-radius: 3px; background: #2e7d32;
+              color: #fff; font-weight: bold; white-space: nowrap; }}
+td.final {{ min-width: 5.6em; }}
+td.final .best-mark {{ display: table; margin: 3px 0 0 auto; }}
+td.key {{ max-width: 14em; }}
+td.thumbs {{ width: {4 * (THUMB_SIZE + 4) + 12}px; }}
+.thumbs .grid {{ display: grid; grid-template-columns: repeat(4, {THUMB_SIZE + 2}px); gap: 2px; }}
+.thumbs img {{ width: {THUMB_SIZE}px; height: {THUMB_SIZE}px; object-fit: contain; border: 1px solid #ddd;
+               background: #fafafa; }}
+td.thumbs.refs {{ width: auto; }}
+.thumbs.refs .grid {{ grid-template-columns: repeat(10, {THUMB_SIZE + 2}px); }}
+td.links a {{ display: block; white-space: nowrap; }}
+.error, .problem {{ color: #b71c1c; min-width: 12em; max-width: 22em; white-space: pre-wrap; }}
+td.problem:empty {{ min-width: 0; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 1em; margin-bottom: 2em; }}
+.plots figure {{ margin: 0; flex: 1 1 520px; max-width: 660px; min-width: 0; }}
+svg.plot {{ width: 100%; height: auto; border: 1px solid #eee; }}
 """
+
+
+def _links_html(r: RunRecord) -> str:
+    # the URLs are percent-encoded (run_links); escaped all the same
+    return "".join(f'<a href="{html.escape(url)}">{html.escape(label)}</a>' for label, url in r.links.items())
+
+
+def _breakable(text: str) -> str:
+    """Escaped, with a line-break opportunity after each dot: lora.unet_rank as a header takes less width."""
+    return html.escape(text).replace(".", ".<wbr>")
+
+
+def _anchor(r: RunRecord) -> str:
+    return "run-" + quote(r.name, safe="")
 
 
 def report_html(runs: list[RunRecord], sweep_dir: Path) -> str:
     keys = swept_keys(runs)
+    best = best_run(runs)
     esc = html.escape
-    head = ["#", "run", "status", *keys, "final", *METRICS, "seconds", "problem", "images"]
+    metrics = [m for m in METRICS if any(m in r.metrics for r in runs)]  # a metric no run has: no column
+    head = ["#", "run", "status", *keys, "final", *metrics, "seconds", "problem", "files", "images"]
+    best_line = esc(_best_text(best))
+    if best is not None:
+        best_line = (f"Best run: <a href='#{esc(_anchor(best))}'>{esc(best.name)}</a>, final score "
+                     f"{esc(_final_text(best))}. <span class='best-mark'>{BEST_MARK}</span> marks its row.")
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Sweep {esc(str(sweep_dir))}</title>",
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
            f"<style>{CSS}</style></head><body>", f"<h1>Sweep {esc(str(sweep_dir))}</h1>",
            f"<p>{len(runs)} runs: {esc(_counts(runs))}. Written {datetime.now():%Y-%m-%d %H:%M:%S}.</p>",
-           "<h2>Runs, best first</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+           f"<p class='best-line'>{best_line}</p>",
+           "<h2>Runs, best first</h2><div class='box runs'><table class='runs'><thead><tr>"
+           + "".join(f"<th>{_breakable(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for i, r in enumerate(runs, 1):
-        cells = [f"<td>{i}</td>", f"<td>{esc(r.name)}</td>", f"<td>{esc(r.status)}</td>"]
-        cells += [f"<td>{esc(r.overrides.get(k, ''))}</td>" for k in keys]
-        cells.append(f"<td class='num'><b>{esc(_final_text(r))}</b></td>")
-        cells += [f"<td class='num'>{_num(r.metrics.get(m))}</td>" for m in METRICS]
+        cells = [f"<td>{i}</td>", f"<td>{esc(r.name)}</td>", f"<td class='status'>{esc(r.status)}</td>"]
+        cells += [f"<td class='key'>{esc(r.overrides.get(k, ''))}</td>" for k in keys]
+        mark = f" <span class='best-mark'>{BEST_MARK}</span>" if r is best else ""
+        cells.append(f"<td class='num final'><b>{esc(_final_text(r))}</b>{mark}</td>")
+        cells += [f"<td class='num'>{_num(r.metrics.get(m))}</td>" for m in metrics]
         cells.append(f"<td class='num'>{_num(r.seconds, 1)}</td>")
         cells.append(f"<td class='problem'>{esc(r.problem)}</td>")
-        body = _thumbs_html(r.thumbs)
+        cells.append(f"<td class='links'>{_links_html(r)}</td>")
+        body = f"<div class='grid'>{_thumbs_html(r.thumbs)}</div>" if r.thumbs else ""
         if r.error:
             body += f"<div class='error'>{esc(r.error)}</div>"
         cells.append(f"<td class='thumbs'>{body}</td>")
-        out.append(f"<tr class='{esc(r.status)}'>" + "".join(cells) + "</tr>")
-    out.append("</table>")
+        classes = r.status + (" best" if r is best else "")
+        out.append(f"<tr id='{esc(_anchor(r))}' class='{esc(classes)}' data-run='{esc(r.name)}'>"
+                   + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    figures = charts(runs)
+    if figures:
+        out.append("<h2>Plots</h2><div class='plots'>")
+        out += [f"<figure>{plots.svg(c)}</figure>" for c in figures]
+        out.append("</div>")
     summary = setting_summary(runs)
     if summary:
-        out.append("<h2>Mean final score per setting</h2><table><tr><th>key</th><th>value</th><th>runs</th>"
-                   "<th>complete</th><th>mean final</th><th>best final</th></tr>")
+        out.append("<h2>Mean final score per setting</h2><div class='box'><table><tr><th>key</th><th>value</th>"
+                   "<th>runs</th><th>complete</th><th>mean final</th><th>best final</th></tr>")
         for s in summary:
             out.append(f"<tr><td>{esc(s['key'])}</td><td>{esc(str(s['value']))}</td><td class='num'>{s['runs']}</td>"
                        f"<td class='num'>{s['complete']}</td><td class='num'>{_num(s['mean_final'])}</td>"
                        f"<td class='num'>{_num(s['best_final'])}</td></tr>")
-        out.append("</table>")
+        out.append("</table></div>")
     styles = {r.style: r.references for r in runs if r.style is not None}
     if styles:
-        out.append("<h2>Style references</h2><table>")
+        out.append("<h2>Style references</h2><div class='box'><table>")
         for style, folder in sorted(styles.items()):
             thumbs, _ = _thumbs(folder, 10)  # references that cannot be read are not the sweep's problem
-            out.append(f"<tr><td>style {esc(style)}</td><td class='thumbs'>{_thumbs_html(thumbs)}</td></tr>")
-        out.append("</table>")
+            out.append(f"<tr><td>style {esc(style)}</td><td class='thumbs refs'><div class='grid'>"
+                       f"{_thumbs_html(thumbs)}</div></td></tr>")
+        out.append("</table></div>")
     out.append("</body></html>")
     return "\n".join(out)
 

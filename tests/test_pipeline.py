@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import QUICK, compose_config
+from jdiff.contact_sheet import BAND_COLOUR
 from jdiff.pipeline import COMPLETE, LORA_FILE, run
 
 NOISE_INIT = ["init=noise"]
@@ -49,6 +50,7 @@ def test_full_run_writes_every_output(full_run):
     assert "init:\n  mode: noise" in (full_run / "config.yaml").read_text()
     sheet = Image.open(full_run / "contact_sheet.png")
     assert sheet.width >= 4 * 100 and sheet.height > 2 * 100  # 4 references and 3 images, labelled
+    assert sheet.convert("RGB").getpixel((1, 1)) == BAND_COLOUR  # drawn again once scored: the score on top
 
 
 def test_lora_file_is_diffusers_format(full_run):
