@@ -173,6 +173,31 @@ class JdiffConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+# One line for each key of JdiffConfig, for `jdiff --help` (jdiff/help.py renders them with the config groups);
+# tests/test_cli.py fails while a key has none. A group's own keys are documented in its dataclass above.
+HELP = {
+    "style": "the style folder under data.root: style=03 trains on data/styles/03 (required)",
+    "seed": "the seed of the class images, the training and the generation",
+    "stages": "the stages to run: prior (class images), train (LoRA), generate, score",
+    "deterministic": "repeatable GPU results where the framework allows it, at some cost in speed",
+    "overwrite": "replace a finished run in its folder instead of refusing (a sweep: skipping) it",
+    "gpus": "sweeps (-m): the GPUs to fill, one job each (null: all this machine has; []: none)",
+    "n_jobs": "sweeps (-m): the jobs at once (null: one per GPU, or 1 without GPUs)",
+    "sweep": "the sweep's folder under multirun/; a named sweep run again skips its finished runs",
+    "paths": "root: where relative paths start (data/ is there); cache: built models, drawn styles",
+    "model": "the Stable Diffusion to start from (tiny, sd21_random: random weights, built here)",
+    "engine": "Jittor or PyTorch + diffusers; the _fast options: the GPU speed settings",
+    "lora": "the LoRA adapters: ranks, alphas, target layers (unet_te: the text encoder's too)",
+    "prior": "prior preservation: class images of the objects, and their loss weight",
+    "augment": "training-image augmentation: crop scale, flips, rotation",
+    "init": "where generation starts: the average style image (img2img) or noise",
+    "train": "LoRA training: steps, batch size, learning rate and its schedule, AdamW",
+    "infer": "generation: sampling steps, guidance scale, negative prompt, sampler, batch size",
+    "score": "the challenge's metrics and the models they load (hist: needs no weights)",
+    "data": "the styles and the prompt templates (demo: a small style set jdiff draws itself)",
+}
+
+
 def register_configs() -> None:
     """Register the schema; ``conf/config.yaml`` lists it first in its defaults, so every group is typed. Each
     engine's options go into the engine group as ``<name>_schema``, for its conf/engine/ options to start from."""

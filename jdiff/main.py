@@ -3,6 +3,8 @@
     python -m jdiff.main experiment=demo
     python -m jdiff.main style=03 lora.unet_rank=32
     python -m jdiff.main -m style=00,01 lora.unet_rank=4,32       # a sweep: see jdiff/sweep.py
+
+The ``jdiff`` command (pyproject.toml's console script, :func:`cli`) is the same: ``jdiff style=03``.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from jdiff.confdir import CONF_DIR
 from jdiff.config import register_configs
+from jdiff.help import register_help
 from jdiff.pipeline import USER_ERRORS, run
 from jdiff.sweep import register_resolvers, run_sweep_job
 
 log = logging.getLogger("jdiff")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 register_configs()
 register_resolvers()
+register_help()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -94,14 +98,19 @@ def stop(message: str, code: int) -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
-    # Start the task under its importable name: launchers pickle it by reference, so each job process
-    # imports jdiff.main (and so registers the schema and resolvers) rather than receiving a copy of it.
-    from jdiff.main import main as task
-
+def cli() -> None:
+    """The command line: ``jdiff [overrides]`` (the console script) and ``python -m jdiff.main [overrides]``."""
     report_composition_errors_in_one_line()
     try:
-        task()
+        main()
     except KeyboardInterrupt:  # before a run began (while the config was composed): nothing was written
         print("interrupted before the run started; nothing was written.", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    # Start the task under its importable name: launchers pickle it by reference, so each job process
+    # imports jdiff.main (and so registers the schema and resolvers) rather than receiving a copy of it.
+    from jdiff.main import cli as command
+
+    command()

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jdiff.config import explain_composition_error
+from jdiff.confdir import CONF_DIR
 from jdiff.data import (IMAGE_SUFFIXES, StyleDataError, collisions, image_file_name, is_hidden, list_images, load_rgb,
                         load_style)
 from jdiff.files import write_json
@@ -42,7 +43,7 @@ from jdiff.scoring.scorer import ScoreResult, Scorer, StyleImages
 from jdiff.validate import ConfigError, validate_config
 
 log = logging.getLogger("jdiff.score")
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def compose(overrides: list[str]):

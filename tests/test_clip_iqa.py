@@ -1,13 +1,11 @@
 """CLIP-IQA with the checker's model: OpenAI's CLIP RN50 as torchmetrics' default ``clip_iqa`` loads it
-through piq. jdiff's own towers are checked against piq's, built from the same tiny random-weight
-TorchScript archive, and jdiff's scores against torchmetrics' CLIP-IQA functions run on piq's model."""
+through piq. jdiff's towers and scores are checked against piq's and torchmetrics' outputs on the tiny
+random-weight TorchScript archive, stored in tests/oracles/clip_iqa_reference.json by
+tests/oracles/make_clip_iqa_reference.py (which needs piq; the test does not)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
@@ -20,104 +18,59 @@ from jdiff.scoring.clip_resnet import RN50_SHAPE, ClipResNet, ClipResNetEmbedder
 from jdiff.scoring.models import MetricUnavailable
 from jdiff.scoring.scorer import Scorer, StyleImages
 from conftest import settings_for
+from oracles import make_clip_iqa_reference as oracle
+from oracles.make_clip_iqa_reference import images_of, token_rows
 
 CPU = torch.device("cpu")
+REFERENCE = json.loads(oracle.REFERENCE.read_text())
 
 
 @pytest.fixture(scope="module")
-def piq_clip():
-    """piq 0.8.0's ``feature_extractors/clip.py``, imported without piq's package ``__init__`` (which imports
-    torchvision for metrics unrelated to CLIP)."""
-    found = importlib.util.find_spec("piq")
-    assert found is not None, "piq is a test dependency: pip install --no-deps piq==0.8.0 (see pyproject.toml)"
-    root = Path(found.origin).parent
-    saved = {name: sys.modules.pop(name, None) for name in ("piq", "piq.utils", "piq.utils.common")}
-    bare = types.ModuleType("piq")
-    bare.__path__ = [str(root)]
-    sys.modules["piq"] = bare
-    try:
-        spec = importlib.util.spec_from_file_location("piq_clip_under_test", root / "feature_extractors" / "clip.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        for name, old in saved.items():
-            sys.modules.pop(name, None)
-            if old is not None:
-                sys.modules[name] = old
-    return module
+def model(tiny_metrics):
+    """jdiff's model of the tiny archive, once the stored reference is known to be for it and for these inputs."""
+    made_for = oracle.input_fingerprints(tiny_metrics)
+    assert made_for == REFERENCE["fingerprints"], (
+        "the tiny CLIP archive or the test inputs changed since clip_iqa_reference.json was made: "
+        "pip install --no-deps piq==0.8.0 && python tests/oracles/make_clip_iqa_reference.py")
+    return load_clip_resnet("clip_iqa", tiny_metrics / "clip_rn50.pt")
 
 
-def piq_load(piq_clip, path: Path):
-    """piq's ``clip.load()`` on a given file instead of its download: TorchScript archive -> build_model -> float."""
-    with open(path, "rb") as f:
-        archive = torch.jit.load(f, map_location="cpu").eval()
-    return piq_clip.build_model(archive.state_dict()).float()
-
-
-@pytest.fixture(scope="module")
-def models(tiny_metrics, piq_clip):
-    """(jdiff's model, piq's model), both from the tiny archive."""
-    archive = tiny_metrics / "clip_rn50.pt"
-    return load_clip_resnet("clip_iqa", archive), piq_load(piq_clip, archive)
-
-
-def images_of(seed: int, shapes) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:64, :64] / 64
-    out = []
-    for h, w in shapes:  # gradients plus noise: structure, so that embeddings differ between images
-        a, b = rng.uniform(-4, 4, 2)
-        base = np.stack([np.sin(a * xx + b * yy + k) for k in range(3)], axis=-1)[:h, :w] * 0.5 + 0.5
-        out.append(np.clip(base * 255 + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
-    return out
-
-
-def token_rows(tiny_metrics, texts, length=77) -> torch.Tensor:
-    """torchmetrics' anchor tokens: the CLIP tokenizer's ids zero-padded to the context length."""
-    from transformers import CLIPTokenizer
-
-    ids = CLIPTokenizer.from_pretrained(tiny_metrics / "clip")(list(texts))["input_ids"]
-    rows = torch.zeros(len(ids), length, dtype=torch.long)
-    for i, row in enumerate(ids):
-        rows[i, : len(row)] = torch.tensor(row)
-    return rows
+def assert_close_to_reference(got: torch.Tensor, expected: list) -> None:
+    expected = torch.tensor(expected, dtype=got.dtype)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 # -- the towers ----------------------------------------------------------------------------------------------
 
-def test_the_rn50_layout_matches_piqs_name_by_name_and_shape_by_shape(piq_clip):
+def test_the_rn50_layout_matches_piqs_name_by_name_and_shape_by_shape():
     with torch.device("meta"):  # shapes only: nothing allocated
-        ours = ClipResNet(RN50_SHAPE).state_dict()
-        theirs = piq_clip.CLIP(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-                               vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
-                               transformer_heads=8, transformer_layers=12).state_dict()
-    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+        ours = {k: list(v.shape) for k, v in ClipResNet(RN50_SHAPE).state_dict().items()}
+        theirs = {k: torch.empty(shape) for k, shape in REFERENCE["rn50_layout"].items()}
+    assert ours == REFERENCE["rn50_layout"]
     assert ClipResNetShape.from_state_dict(theirs) == RN50_SHAPE
 
 
-def test_image_tower_matches_piq_with_and_without_the_positional_embedding(models):
-    ours, theirs = models
-    torch.manual_seed(0)
-    native = torch.randn(3, 3, 64, 64)  # grid 2: the positional embedding's own size
-    other = torch.randn(2, 3, 56, 88)
+def test_image_tower_matches_piq_with_and_without_the_positional_embedding(model):
+    pixels = oracle.tower_inputs()
+    assert [(case["input"], case["pos_embedding"]) for case in REFERENCE["image_tower"]] == list(oracle.TOWER_CASES)
     with torch.no_grad():
-        for pixels, pos in ((native, True), (native, False), (other, False)):
-            expected = theirs.encode_image(pixels, pos_embedding=pos)
-            got = ours.encode_image(pixels, pos_embedding=pos)
-            assert got.shape == expected.shape == (len(pixels), 16)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        for case in REFERENCE["image_tower"]:
+            got = model.encode_image(pixels[case["input"]], pos_embedding=case["pos_embedding"])
+            assert got.shape == (len(pixels[case["input"]]), 16)
+            assert_close_to_reference(got, case["expected"])
         # the positional embedding changes the result, so both paths were really exercised
-        assert not torch.allclose(ours.encode_image(native, True), ours.encode_image(native, False))
+        native = pixels["native"]
+        assert not torch.allclose(model.encode_image(native, True), model.encode_image(native, False))
         with pytest.raises(ValueError, match="pos_embedding=False"):
-            ours.encode_image(other, pos_embedding=True)
+            model.encode_image(pixels["other"], pos_embedding=True)
 
 
-def test_text_tower_matches_piq(models, tiny_metrics):
-    ours, theirs = models
-    tokens = token_rows(tiny_metrics, [*QUALITY_PROMPTS, "a watercolor painting of a lighthouse"])
+def test_text_tower_matches_piq(model, tiny_metrics):
+    assert REFERENCE["text_tower"]["texts"] == list(oracle.TEXTS) and oracle.TEXTS[:2] == QUALITY_PROMPTS
     with torch.no_grad():
-        expected, got = theirs.encode_text(tokens), ours.encode_text(tokens)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        got = model.encode_text(token_rows(tiny_metrics / "clip", oracle.TEXTS))
+    assert_close_to_reference(got, REFERENCE["text_tower"]["expected"])
     assert not torch.allclose(got[0], got[1])
 
 
@@ -127,38 +80,38 @@ def clip_iqa_settings(folder, **changes) -> ScoreConfig:
     return settings_for(folder, **{"batch_size": 2, "metrics": ["clip_iqa"], **changes})
 
 
-def test_clip_iqa_equals_torchmetrics_on_piqs_model(tiny_metrics, models):
+def test_clip_iqa_equals_torchmetrics_on_piqs_model(tiny_metrics, model):
     from torchmetrics.functional.multimodal.clip_iqa import (
         _clip_iqa_compute, _clip_iqa_format_prompts, _clip_iqa_get_anchor_vectors, _clip_iqa_update)
     from transformers import CLIPProcessor
 
-    piq_model = models[1]
-    # sizes mixed within a style (batches are made per size) and a batch size that splits them
-    styles = [StyleImages("00", [(f"o{i}", im) for i, im in enumerate(images_of(1, [(40, 40), (48, 36), (40, 40),
-                                                                                    (40, 40), (48, 36)]))],
-                          images_of(2, [(40, 40)])),
-              StyleImages("01", [(f"o{i}", im) for i, im in enumerate(images_of(3, [(64, 64)] * 3))],
-                          images_of(4, [(40, 40)]))]
-    result = Scorer(clip_iqa_settings(tiny_metrics)).score(styles)
+    expected = REFERENCE["clip_iqa"]
+    assert tuple(expected["prompts"]) == QUALITY_PROMPTS
+    inputs = oracle.style_images()
+    styles = [StyleImages(sid, [(f"o{i}", im) for i, im in enumerate(generated)], references)
+              for sid, (generated, references) in inputs.items()]
+    result = Scorer(clip_iqa_settings(tiny_metrics)).score(styles)  # batch size 2: batches split the sizes
 
+    # torchmetrics' functions today, on jdiff's model: image by image, as the stored values were made on piq's
     prompts, names = _clip_iqa_format_prompts(("quality",))
     assert tuple(prompts) == QUALITY_PROMPTS
     processor = CLIPProcessor.from_pretrained(tiny_metrics / "clip")
     with torch.no_grad():
-        anchors = _clip_iqa_get_anchor_vectors("clip_iqa", piq_model, processor, prompts, "cpu")
-    per_style = []
+        anchors = _clip_iqa_get_anchor_vectors("clip_iqa", model, processor, prompts, "cpu")
+    assert set(result.per_style) == set(expected["styles"]) == set(inputs)
     for style in styles:
+        stored = expected["styles"][style.style_id]
         probs = []
         for _, image in style.generated:  # a 0-255 tensor with data_range=255, one image at a time
             pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
             with torch.no_grad():
-                features = _clip_iqa_update("clip_iqa", pixels, piq_model, processor, 255.0, "cpu")
+                features = _clip_iqa_update("clip_iqa", pixels, model, processor, 255.0, "cpu")
             probs.append(_clip_iqa_compute(features, anchors, names).item())
-        per_style.append(np.mean(probs))
+        assert probs == pytest.approx(stored["probs"], abs=5e-6)
         # torchmetrics takes the softmax in float32, jdiff in float64: they differ by about 1e-6
-        assert result.per_style[style.style_id]["clip_iqa"] == pytest.approx(per_style[-1], abs=5e-6)
-        assert np.ptp(probs) > 1e-4  # the images score differently: a mix-up of their order would show
-    assert result.metrics["clip_iqa"] == pytest.approx(np.mean(per_style), abs=5e-6)
+        assert result.per_style[style.style_id]["clip_iqa"] == pytest.approx(stored["mean"], abs=5e-6)
+        assert np.ptp(stored["probs"]) > 1e-4  # the images score differently: a mix-up of their order would show
+    assert result.metrics["clip_iqa"] == pytest.approx(expected["mean"], abs=5e-6)
 
 
 def test_state_dict_files_load_like_the_archive(tiny_metrics, tmp_path):
