@@ -201,6 +201,11 @@ HELP = {
 def register_configs() -> None:
     """Register the schema; ``conf/config.yaml`` lists it first in its defaults, so every group is typed. Each
     engine's options go into the engine group as ``<name>_schema``, for its conf/engine/ options to start from."""
+    from omegaconf import OmegaConf
+
+    from jdiff.devices import on_gpu
+
+    OmegaConf.register_new_resolver("jdiff.on_gpu", on_gpu, replace=True)  # a value chosen by the machine
     store = ConfigStore.instance()
     store.store(name="jdiff_schema", node=JdiffConfig)
     for name, entry in ENGINES.items():

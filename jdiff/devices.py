@@ -41,3 +41,16 @@ def torch_device(value, key: str):
     if device.kind == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"{key}={device} but PyTorch sees no CUDA GPU here; use {key}=cpu or auto.")
     return torch.device(str(device))
+
+
+def on_gpu(device, on_a_gpu, otherwise):
+    """``on_a_gpu`` when ``device`` (engine.device) is a CUDA GPU: cuda, cuda:N, or auto on a machine that shows one
+    (CUDA_VISIBLE_DEVICES, else nvidia-smi); else ``otherwise``. The resolver ``jdiff.on_gpu``: conf/engine/jittor.yaml
+    picks its fast path with it."""
+    from jdiff.sweep import detect_gpus
+
+    try:
+        kind = parse_device(device, "engine.device").kind
+    except DeviceError:  # validation names the bad device; the choice here must not fail first
+        return otherwise
+    return on_a_gpu if kind == "cuda" or (kind == "auto" and detect_gpus()) else otherwise

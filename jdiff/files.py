@@ -30,7 +30,18 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return write_text(path, json.dumps(without_negative_zero(data), indent=2, sort_keys=False) + "\n")
+
+
+def without_negative_zero(data):
+    """``data`` with every float -0.0 as 0.0 (a score that rounds to zero from below is not "-0.0")."""
+    if isinstance(data, float):
+        return data + 0.0
+    if isinstance(data, dict):
+        return {k: without_negative_zero(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [without_negative_zero(v) for v in data]
+    return data
 
 
 def save_png(path: Path, image) -> Path:

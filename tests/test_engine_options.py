@@ -88,12 +88,32 @@ def test_each_engine_config_composes_into_its_engines_dataclass(hydra_conf, opti
     schema = stated.pop("defaults")[0]
     entry = ENGINES[schema.removesuffix("_schema")]
     assert OmegaConf.get_type(engine) is entry.options
-    # the dataclass's defaults, and what the option states on top: nothing else
+    # the dataclass's defaults, and what the option states on top: nothing else (a value chosen by the machine,
+    # ${jdiff.on_gpu:...}, as it resolves here)
+    stated = {key: engine[key] if str(value).startswith("${") else value for key, value in stated.items()}
     assert OmegaConf.to_object(engine) == entry.options(**stated)
+
+
+@pytest.mark.parametrize("gpus, overrides, want", [
+    ("", [], ("no", "no")),  # no GPU: float32, eager
+    ("0", [], ("fp16", "replay")),  # a GPU: the fast path
+    ("0,1", ["engine.device=cuda:1"], ("fp16", "replay")),
+    ("0", ["engine.device=cpu"], ("no", "no")),  # asked for the CPU on a GPU machine
+    ("0", ["engine.mixed_precision=no"], ("no", "replay")),  # asked for float32
+    ("0", ["engine.mixed_precision=no", "engine.compile=no"], ("no", "no")),
+    ("", ["engine.device=cuda"], ("fp16", "replay")),  # asked for the GPU: validation checks it is there
+])
+def test_engine_jittor_takes_the_fast_path_on_a_gpu(hydra_conf, monkeypatch, gpus, overrides, want):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+    engine = compose("config", overrides=["style=00", "engine=jittor", *overrides]).engine
+    assert (engine.mixed_precision, engine.compile) == want
+    options = OmegaConf.to_object(engine)
+    assert isinstance(options, JittorOptions) and options.problem() is None
 
 
 def test_the_plain_engine_configs_are_their_dataclasses_defaults(hydra_conf):
     assert OmegaConf.to_object(compose("config", overrides=["style=00", "engine=torch"]).engine) == TorchOptions()
+    # on a machine without a GPU; with one, engine=jittor takes the fast path (the test below)
     assert OmegaConf.to_object(compose("config", overrides=["style=00", "engine=jittor"]).engine) == JittorOptions()
     assert OmegaConf.to_object(compose("config", overrides=["style=00"]).engine) == JittorOptions()  # the default
 
@@ -153,11 +173,13 @@ def test_score_cli_refuses_an_option_the_engine_lacks_in_one_line(tmp_path):
     assert_one_line_error(done, "engine.group_norm is a torch engine option", "engine=torch")
 
 
-def test_cli_prints_the_jittor_engines_config(tmp_path):
-    done = jdiff_cli(["--cfg", "job", "engine=jittor"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    engine = OmegaConf.create(done.stdout).engine
-    assert OmegaConf.to_container(engine) == dataclasses.asdict(JittorOptions())
+def test_cli_prints_the_jittor_engines_config(tmp_path, monkeypatch):
+    for gpus, chosen in (("", {}), ("0", {"mixed_precision": "fp16", "compile": "replay"})):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+        done = jdiff_cli(["--cfg", "job", "--resolve", "engine=jittor"], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        engine = OmegaConf.create(done.stdout).engine
+        assert OmegaConf.to_container(engine) == dataclasses.asdict(JittorOptions(**chosen))
 
 
 # -- one check of the values, for validate_config and create_engine alike -------------------------------------

@@ -277,3 +277,19 @@ def test_objects_are_matched_by_their_file_names(tmp_path, capsys, caplog):
         code, printed, err = score(tmp_path / "results", root, capsys=capsys)
     assert code == 0, err
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_json_files_never_say_minus_zero(tmp_path):
+    """A final score that rounds to zero from below is written as 0.0, in nested metrics and lists too; NaN stays."""
+    import json
+    import math
+
+    from jdiff.files import write_json
+
+    path = write_json(tmp_path / "scores.json", {"final": {"value": -0.0, "terms": [-0.0, 1.5]},
+                                                 "metrics": {"hist": -0.0, "lpips": float("nan")}})
+    text = path.read_text()
+    assert "-0.0" not in text
+    data = json.loads(text)
+    assert math.copysign(1.0, data["final"]["value"]) == 1.0 and data["final"]["terms"] == [0.0, 1.5]
+    assert math.isnan(data["metrics"]["lpips"])
