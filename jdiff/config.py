@@ -140,6 +140,9 @@ class DataConfig:
 class SweepConfig:
     # The sweep folder under multirun/; a named sweep run again skips its finished runs.
     name: str = "${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    # Runs that share a base model train together, one process a GPU: 1 (each run alone), N (at most N a pack)
+    # or auto (the runs spread over the GPUs, at most 16 a pack; a pack too big for the GPU is halved)
+    pack: Any = 1
 
 
 @dataclass

@@ -89,7 +89,8 @@ def denoise(engine: Engine, req: GenerateRequest) -> list[np.ndarray]:
         latents = noise * sampler.init_noise_sigma
     else:
         timesteps = sampler.skip(img2img_skip(req.steps, req.strength))
-        clean = engine.encode_images(np.repeat(req.init_image[None], n, axis=0), req.init_posterior_noise)
+        init = req.init_image if req.init_image.ndim == 4 else np.repeat(req.init_image[None], n, axis=0)
+        clean = engine.encode_images(init, req.init_posterior_noise)
         latents = sampler.add_noise(clean, noise, timesteps[0])
     for t in timesteps:
         model_input = sampler.scale_model_input(engine.concat([latents, latents]) if guided else latents, t)

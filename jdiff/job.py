@@ -36,13 +36,16 @@ ORPHANED = 3  # exit code when the parent sweep job went away
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jdiff.job", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a sweep run directory holding config.yaml")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="run_dir",
+                        help="a sweep run directory holding config.yaml (several: the runs of one pack, together)")
     parser.add_argument("--label", default="job", help="a short name for the console, e.g. the job number")
     parser.add_argument("--prepared", action="store_true",
                         help="the sweep job checked and prepared the folder (by hand: leave it out)")
     parser.add_argument("--overwrite", action="store_true", help="by hand: run a finished run again, replacing it")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir
+    if len(args.run_dirs) > 1:
+        return run_packed(args)
+    run_dir = args.run_dirs[0]
     if not (run_dir / CONFIG_FILE).is_file():
         print(f"error: {run_dir} holds no {CONFIG_FILE}; give a sweep run folder (multirun/<sweep>/<run>).",
               file=sys.stderr)
@@ -85,6 +88,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_packed(args) -> int:
+    """The runs of one pack (:mod:`jdiff.pack`), prepared by the sweep job that started this process. Exit code 0
+    when it ran (each run's COMPLETE or FAILED says how it went), OUT_OF_MEMORY when the pack did not fit."""
+    from jdiff.engines.base import OutOfMemory
+    from jdiff.pack import run_pack
+    from jdiff.sweep import OUT_OF_MEMORY
+
+    if not args.prepared:
+        print("error: several run folders are one pack, which a sweep job prepares; run one folder by hand.",
+              file=sys.stderr)
+        return 2
+    try:
+        cfgs = [load_config(run_dir) for run_dir in args.run_dirs]
+    except Exception as err:
+        print(f"error: a pack's config.yaml cannot be used ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
+    configure_logging([run_dir / "run.log" for run_dir in args.run_dirs], args.label)
+    stop_when_orphaned()
+    signal.signal(signal.SIGTERM, _interrupt)
+    log.info("pack process %d on %s, CUDA_VISIBLE_DEVICES=%r: %d runs", os.getpid(), socket.gethostname(),
+             os.environ.get("CUDA_VISIBLE_DEVICES"), len(cfgs))
+    try:
+        run_pack(cfgs, list(args.run_dirs))
+    except KeyboardInterrupt:
+        log.warning("interrupted: the pack's unfinished runs stay unfinished")
+        return INTERRUPTED
+    except OutOfMemory as err:
+        log.error("%s", err)
+        return OUT_OF_MEMORY
+    except Exception as err:  # the pack as a whole failed: each run that did not end says so
+        log.exception("the pack failed")
+        for run_dir in args.run_dirs:
+            if not (run_dir / rundir.COMPLETE).exists() and not (run_dir / FAILED).exists():
+                write_json(run_dir / FAILED, {"error": str(err), "type": type(err).__name__})
+        return 1
+    return 0
+
+
 def load_config(run_dir: Path) -> DictConfig:
     """The run's resolved config, typed by the schema again (YAML alone would lose the types), its engine's
     options by that engine's options class."""
@@ -96,12 +137,16 @@ def load_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
-def configure_logging(log_file: Path, label: str) -> None:
-    file_handler = logging.FileHandler(log_file, mode="a")  # appends to the sweep job's lines
-    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+def configure_logging(log_files, label: str) -> None:
+    """The log into each run's run.log (appended to the sweep job's lines; a pack's log goes to all its runs') and
+    to the console."""
+    handlers = []
+    for log_file in [log_files] if isinstance(log_files, Path) else log_files:
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+        handlers[-1].setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(f"[%(asctime)s][{label}][%(levelname)s] - %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[file_handler, console], force=True)
+    logging.basicConfig(level=logging.INFO, handlers=[*handlers, console], force=True)
 
 
 def stop_when_orphaned(poll_seconds: float = 1.0) -> None:

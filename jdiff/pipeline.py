@@ -235,15 +235,22 @@ def _run(cfg: DictConfig, run_dir: Path, started: float) -> Optional[float]:
         run.timed("train", run.train)
     if "generate" in stages:
         run.timed("generate", run.generate)
+    return finish(run, started)
+
+
+def finish(run: Run, started: float, **extra) -> Optional[float]:
+    """The end of a run whose images are made: the contact sheet, the scores, then COMPLETE (with ``extra``)."""
+    stages = list(run.cfg.stages)
+    if "generate" in stages:
         run.write_contact_sheet()
     scores = run.timed("score", run.score) if "score" in stages else None
     if scores is not None:  # drawn again, now with the final score (the one above stays if scoring fails)
         run.write_contact_sheet(scores)
     seconds = round(time.perf_counter() - started, 2)
     final = scores["final"]["value"] if scores else None
-    write_json(run_dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages,
-                                    "stage_seconds": run.seconds})
-    summary(run_dir, scores, seconds)
+    write_json(run.dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages,
+                                    "stage_seconds": run.seconds, **extra})
+    summary(run.dir, scores, seconds)
     return final
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import jdiff
 from jdiff import rundir
@@ -143,6 +143,9 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]
     that cannot be read) runs again from the start; a folder holding files jdiff did not write is left alone."""
     run_dir = Path(run_dir)
     resolve_paths(cfg)
+    pack = find_pack(run_dir) if str(cfg.sweep.pack) != "1" else None
+    if pack is not None:
+        return run_pack_job(cfg, run_dir, label, pack)
     state = rundir.inspect(run_dir)
     if state.foreign:  # not even a lock file goes there
         log.error("[%s] not run: %s; jdiff writes only into its own run folders", label, state.foreign_problem)
@@ -207,24 +210,32 @@ def job_environment(gpu: Optional[str]) -> dict:
     return env
 
 
-def run_child(run_dir: Path, gpu: Optional[str], label: str) -> int:
-    """Run the stages in ``python -m jdiff.job RUN_DIR``, seeing only ``gpu``; returns its exit code."""
+def run_child(run_dirs, gpu: Optional[str], label: str) -> int:
+    """Run the stages in ``python -m jdiff.job RUN_DIR...`` (several: one pack), seeing only ``gpu``; returns its
+    exit code."""
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     env = job_environment(gpu)
     host = socket.gethostname()
     started = time.time()
-    child = subprocess.Popen([sys.executable, "-m", "jdiff.job", str(run_dir), "--label", label, "--prepared"], env=env)
+    child = subprocess.Popen([sys.executable, "-m", "jdiff.job", *map(str, run_dirs), "--label", label, "--prepared"],
+                             env=env)
     job = {"host": host, "gpu": gpu, "pid": child.pid, "started": started}
-    write_json(run_dir / JOB_FILE, job)
-    log.info("[%s] started on %s, %s (pid %d): %s", label, host, f"GPU {gpu}" if gpu else "CPU", child.pid, run_dir)
+    if len(run_dirs) > 1:
+        job["pack"] = [str(d) for d in run_dirs]
+    for run_dir in run_dirs:
+        write_json(Path(run_dir) / JOB_FILE, job)
+    where = ", ".join(map(str, run_dirs))
+    log.info("[%s] started on %s, %s (pid %d): %s", label, host, f"GPU {gpu}" if gpu else "CPU", child.pid, where)
     try:
         code = child.wait()
     finally:
         stop(child)
     finished = time.time()
-    write_json(run_dir / JOB_FILE, {**job, "finished": finished, "seconds": round(finished - started, 3),
-                                    "exit_code": code})
+    for run_dir in run_dirs:
+        write_json(Path(run_dir) / JOB_FILE, {**job, "finished": finished, "seconds": round(finished - started, 3),
+                                              "exit_code": code})
     if code == 0:
-        log.info("[%s] finished in %.1f s: %s", label, finished - started, run_dir)
+        log.info("[%s] finished in %.1f s: %s", label, finished - started, where)
     return code
 
 
@@ -246,3 +257,154 @@ def record_failure(run_dir: Path, label: str, kind: str, error: str) -> None:
         write_json(run_dir / FAILED, {"error": error, "type": kind})
     except OSError as err:  # a full or read-only disk: the run stays unfinished and reruns at the next launch
         log.error("[%s] could not write %s: %s", label, run_dir / FAILED, err)
+
+
+# -- packs (sweep.pack): runs that share a base model, trained in one process (jdiff.pack) ------------------
+
+PACKS = ".packs"  # in the sweep folder: the launch plans, the packs' locks and what each pack ran
+AUTO_PACK = 16  # sweep.pack=auto: at most this many runs a pack (fewer when the GPUs can share the runs)
+OUT_OF_MEMORY = 75  # a pack's exit code when the GPU ran out of memory: the pack is split in two and run again
+
+
+def pack_size(pack, runs: int, gpus: int) -> int:
+    """The most runs a pack holds: sweep.pack as a number, or for ``auto`` the runs spread evenly over the GPUs,
+    at most AUTO_PACK (a pack that does not fit in the GPU's memory is halved when it runs)."""
+    if str(pack) == "auto":
+        return max(1, min(AUTO_PACK, -(-runs // max(1, gpus))))
+    return int(pack)
+
+
+def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int) -> list[int]:
+    """Before the jobs of one launch start: with sweep.pack != 1, group them into packs
+    (:func:`jdiff.pack.plan_packs`) and write the plan into the sweep folder, where each job finds its pack.
+    Returns the order to start the jobs in: each pack's first run first, so the packs start at once."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from jdiff.pack import plan_packs
+
+    order = list(range(len(job_overrides)))
+    pack = OmegaConf.select(config, "sweep.pack", default=1)
+    if str(pack) == "1" or len(job_overrides) < 2:
+        return order
+    kept = HydraConfig.instance().cfg
+    cfgs, dirs = [], []
+    try:
+        for idx, overrides in enumerate(job_overrides):
+            job = loader.load_sweep_config(config, list(overrides))
+            with open_dict(job):
+                job.hydra.job.num = initial_job_idx + idx
+            HydraConfig.instance().set_config(job)
+            dirs.append(Path(os.path.abspath(Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir))))
+            with open_dict(job):
+                del job["hydra"]
+            cfgs.append(resolve_paths(job))
+    finally:
+        HydraConfig.instance().cfg = kept
+    gpus = len(sweep_gpus(config.gpus))
+    packs = plan_packs(cfgs, pack_size(pack, len(cfgs), gpus))
+    token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{initial_job_idx}"
+    folder = Path(str(config.hydra.sweep.dir)) / PACKS
+    plan = {"launch": token, "packs": [{"id": f"{token}-{j}", "runs": [
+        {"dir": str(dirs[i]), "config": resolved(cfgs[i])} for i in members]} for j, members in enumerate(packs)]}
+    write_json(folder / f"{token}.json", plan)
+    index, _ = rundir.read_json(folder / "index.json")
+    index = index or {}
+    for j, members in enumerate(packs):
+        for i in members:
+            index[dirs[i].name] = {"plan": f"{token}.json", "pack": j}
+    write_json(folder / "index.json", index)
+    sizes = [len(p) for p in packs]
+    log.info("sweep.pack=%s: %d runs in %d packs (%s)", pack, len(cfgs), len(packs), ", ".join(map(str, sizes)))
+    leaders = [members[0] for members in packs]
+    return leaders + [i for i in order if i not in set(leaders)]
+
+
+def find_pack(run_dir: Path) -> Optional[dict]:
+    """The pack of ``run_dir`` in its sweep's newest plan, or None when it runs alone."""
+    folder = run_dir.parent / PACKS
+    index, _ = rundir.read_json(folder / "index.json")
+    entry = (index or {}).get(run_dir.name)
+    if not entry:
+        return None
+    plan, _ = rundir.read_json(folder / entry["plan"])
+    if not plan or entry["pack"] >= len(plan.get("packs", [])):
+        return None
+    pack = plan["packs"][entry["pack"]]
+    return pack if len(pack["runs"]) > 1 else None
+
+
+def run_pack_job(cfg: DictConfig, run_dir: Path, label: str, pack: dict) -> Optional[float]:
+    """A sweep job whose run is in a pack: the first job of the pack to come runs every run of it that needs to
+    run, in one process on one GPU; the others wait for it and report their run's result."""
+    folder = run_dir.parent / PACKS
+    with FileLock(str(folder / f"{pack['id']}.lock")):
+        ran, _ = rundir.read_json(folder / f"{pack['id']}.ran.json")
+        if not ran or run_dir.name not in ran.get("runs", []):
+            lead_pack(cfg, pack, label, folder)
+    state = rundir.inspect(run_dir)
+    return state.final_score if state.status == "complete" else None
+
+
+def lead_pack(cfg: DictConfig, pack: dict, label: str, folder: Path) -> None:
+    """Check, hold and prepare each run of ``pack`` as a lone job would (:func:`run_sweep_job`), then run those
+    that need it together; what ran is written down, so the pack's other jobs do not run it again."""
+    members, held = [], []
+    try:
+        for entry in pack["runs"]:
+            run_dir, config = Path(entry["dir"]), entry["config"]
+            name = f"{label}:{run_dir.name}"
+            state = rundir.inspect(run_dir)
+            if state.foreign:
+                log.error("[%s] not run: %s; jdiff writes only into its own run folders", name, state.foreign_problem)
+                continue
+            try:
+                rundir.hold(run_dir)
+            except rundir.RunDirError as err:
+                log.warning("[%s] skipped here: %s", name, err)
+                continue
+            held.append(run_dir)
+            state = rundir.inspect(run_dir)
+            if state.status == "complete" and not config.get("overwrite"):
+                log.info("[%s] skipped, finished earlier: %s", name, run_dir)
+                continue
+            rundir.prepare(run_dir, None, bool(config.get("overwrite")))
+            write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)))
+            members.append(run_dir)
+        if members:
+            run_members(cfg, members, label)
+    finally:
+        for run_dir in held:
+            rundir.release(run_dir)
+        write_json(folder / f"{pack['id']}.ran.json", {"runs": [Path(e["dir"]).name for e in pack["runs"]]})
+
+
+def run_members(cfg: DictConfig, members: list[Path], label: str) -> None:
+    """Run ``members`` as one pack in a child process on a GPU of their own; a pack the GPU has no memory for is
+    split in two halves, run one after the other."""
+    device = parse_device(cfg.engine.device, "engine.device")
+    gpus = [] if device.kind == "cpu" else sweep_gpus(cfg.gpus)
+    try:
+        with hold_gpu(Path(cfg.paths.cache) / "locks", gpus) as gpu:
+            code = run_child(members, gpu, label)
+    except Exception as err:
+        for run_dir in members:
+            record_failure(run_dir, label, type(err).__name__, str(err))
+        return
+    if code == OUT_OF_MEMORY and len(members) > 1:
+        half = len(members) // 2
+        log.warning("[%s] a pack of %d runs did not fit in the GPU's memory; running it as %d + %d", label,
+                    len(members), half, len(members) - half)
+        for part in (members[:half], members[half:]):
+            for run_dir in part:
+                rundir.prepare(run_dir, None, True)
+            run_members(cfg, part, label)
+        return
+    for run_dir in members:
+        state = rundir.inspect(run_dir)
+        if state.status in ("complete", "failed"):
+            continue
+        if code == INTERRUPTED:
+            log.warning("[%s] interrupted; %s is unfinished and runs again when the sweep is launched again",
+                        label, run_dir)
+        else:
+            record_failure(run_dir, label, "ProcessExit", f"the pack's process exited with code {code}")

@@ -96,14 +96,32 @@ def weighted_loss(per_sample, weights):
     return (per_sample * weights).sum()
 
 
-def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list[np.ndarray],
-               class_prompts: list[str], schedule: NoiseSchedule, loss_log: Path) -> list[dict]:
-    """Train the attached adapters for ``train.steps`` steps; writes the per-step loss log as it goes."""
+def batch_source(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list[np.ndarray],
+                 class_prompts: list[str], schedule: NoiseSchedule) -> Callable[[int], TrainBatch]:
+    """A run's batches: step -> :func:`make_batch` of that step (the views enlarged once, not at every step)."""
     res, crop_scale = cfg.data.resolution, cfg.augment.crop_scale
-    style_views = [enlarged(v, res, crop_scale) for v in style.images()]  # once, not at every step
+    style_views = [enlarged(v, res, crop_scale) for v in style.images()]
     class_views = [enlarged(v, res, crop_scale) for v in class_views]
     style_prompts = [cfg.data.train_template.format(object=o, style=style.style_id) for o in style.objects]
     latent_shape = engine.latent_shape(cfg.data.resolution)
+    return lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
+                                   latent_shape)
+
+
+def loss_row(step: int, lr: float, batch_size: int, weights: np.ndarray, per_sample: np.ndarray,
+             seconds: float) -> dict:
+    """A line of loss.csv: step ``step``'s weighted loss, and the mean losses of its style and class images."""
+    n = batch_size
+    return {"step": step + 1, "lr": lr, "loss": float((per_sample * weights).sum()),
+            "style_loss": float(per_sample[:n].mean()),
+            "prior_loss": float(per_sample[n:].mean()) if len(per_sample) > n else 0.0,
+            "seconds": round(seconds, 3)}
+
+
+def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list[np.ndarray],
+               class_prompts: list[str], schedule: NoiseSchedule, loss_log: Path) -> list[dict]:
+    """Train the attached adapters for ``train.steps`` steps; writes the per-step loss log as it goes."""
+    draw = batch_source(engine, cfg, style, class_views, class_prompts, schedule)
     engine.setup_training(optimizer_settings(cfg))
     n = cfg.train.batch_size
     rows: list[dict] = []
@@ -112,10 +130,7 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step")
 
     def record(step: int, lr: float, batch: TrainBatch, per_sample: np.ndarray) -> None:
-        rows.append({"step": step + 1, "lr": lr, "loss": float((per_sample * batch.weights).sum()),
-                     "style_loss": float(per_sample[:n].mean()),
-                     "prior_loss": float(per_sample[n:].mean()) if len(per_sample) > n else 0.0,
-                     "seconds": round(time.perf_counter() - started, 3)})
+        rows.append(loss_row(step, lr, n, batch.weights, per_sample, time.perf_counter() - started))
         if not np.isfinite(rows[-1]["loss"]):
             raise TrainingDiverged(diverged_message(cfg, step + 1, rows[-1]["loss"], loss_log.name))
         bar.update(1)
@@ -127,8 +142,6 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
         """(batch, lr) of each step; the next batch is drawn on the worker thread (augmentation is CPU work)
         while the engine runs this one. Batches depend on (seed, step) only."""
         nonlocal waited
-        draw = lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
-                                       latent_shape)
         upcoming = worker.submit(draw, 0)
         for step in range(cfg.train.steps):
             asked = time.perf_counter()

@@ -74,6 +74,9 @@ def check_placement(cfg: DictConfig) -> None:
         gpus = list(cfg.gpus)
         _check(all(str(g).strip() for g in gpus) and len(set(gpus)) == len(gpus), "gpus", gpus,
                "list distinct GPU ids as nvidia-smi shows them, e.g. gpus=[0,2], or [] for none")
+    pack = OmegaConf.select(cfg, "sweep.pack", default=1)
+    _check(str(pack) == "auto" or (isinstance(pack, int) and not isinstance(pack, bool) and pack >= 1), "sweep.pack",
+           pack, "give 1 (each run alone), a number of runs a pack, or auto")
 
 
 def check_engine(engine) -> EngineOptions:

@@ -27,10 +27,14 @@ class EngineError(RuntimeError):
     """The engine cannot run (missing weights, out of memory, framework missing); the message says why."""
 
 
+class OutOfMemory(EngineError):
+    """The GPU ran out of memory (a pack that does is split in two and run again: jdiff.sweep)."""
+
+
 def out_of_memory(what: str, tries: str, cause: str) -> EngineError:
     """The error for a GPU that ran out of memory while doing ``what``: what to try first, then the usual
     remedies, then the framework's own words (``cause``)."""
-    return EngineError(f"out of GPU memory while {what}. Try {tries}, a smaller train.batch_size or "
+    return OutOfMemory(f"out of GPU memory while {what}. Try {tries}, a smaller train.batch_size or "
                        f"infer.batch_size, or a free GPU ({cause})")
 
 
@@ -144,10 +148,11 @@ class GenerateRequest:
     negative_prompt: str = ""
     origin_prompts: Optional[list[str]] = None  # blended in with origin_scale
     origin_scale: float = 0.0
-    init_image: Optional[np.ndarray] = None  # (3, H, W) float32 in [-1, 1]: img2img from this image
+    init_image: Optional[np.ndarray] = None  # (3, H, W), or (B, 3, H, W) one per prompt, in [-1, 1]: img2img
     init_posterior_noise: Optional[np.ndarray] = None  # (B, C, h, w)
     strength: float = 1.0
     sampler: str = "model"
+    adapters: Optional[np.ndarray] = None  # a pack's sampling: the adapter (run of the pack) of each prompt
 
 
 class Engine(abc.ABC):
@@ -354,8 +359,47 @@ class Engine(abc.ABC):
         """Sample images with the method's loop; returns uint8 (H, W, 3) arrays, one per prompt."""
         from jdiff.generate import denoise  # the method lives with the stage that uses it, not in the engines
 
-        with self.sampling():
+        with self.sampling(), self.routed(request.adapters):
             return denoise(self, request)
+
+    # -- packs: the adapters of K runs on one model, each sample through its run's (jdiff.pack) -------------
+
+    def add_packed_lora(self, specs: list[LoraSpec]) -> None:
+        """Attach fresh adapters for each of ``specs`` (the runs of a pack: the same target layers, any ranks and
+        alphas), each initialised as :meth:`add_lora` would for that run alone."""
+        raise EngineError(f"engine={self.name} cannot train packed runs; use sweep.pack=1")
+
+    def setup_packed_training(self, settings: list[OptimizerSettings]) -> None:
+        """An optimiser per run of the pack (its own learning rate, betas, eps, decay and clipping norm)."""
+        raise EngineError(f"engine={self.name} cannot train packed runs; use sweep.pack=1")
+
+    def start_packed_train_step(self, batch: TrainBatch, lrs: np.ndarray) -> Callable[[], np.ndarray]:
+        """Queue one step of every run: ``batch`` is the runs' batches one after the other, of equal sizes, and
+        ``lrs`` their learning rates; the returned function gives the per-sample losses."""
+        raise EngineError(f"engine={self.name} cannot train packed runs; use sweep.pack=1")
+
+    def packed_adapters(self, k: int) -> dict[str, Adapter]:
+        """Run ``k``'s adapters, as :func:`jdiff.lora_file.save_adapters` takes them."""
+        raise EngineError(f"engine={self.name} cannot train packed runs")
+
+    def keep_packed(self, members: list[int]) -> None:
+        """Go on with runs ``members`` of the pack only (a run that failed is dropped)."""
+        raise EngineError(f"engine={self.name} cannot train packed runs")
+
+    def routed(self, ids: Optional[np.ndarray]) -> contextlib.AbstractContextManager:
+        """The context of a pack's sampling: prompt i through the adapter of run ``ids[i]``."""
+        if ids is not None:
+            raise EngineError(f"engine={self.name} cannot sample packed runs")
+        return contextlib.nullcontext()
+
+
+def pack_plan(specs: list[LoraSpec]) -> list[tuple[str, tuple, list[int], list[float]]]:
+    """(prefix, targets, ranks, alphas) of the models a pack adapts; the runs of a pack adapt the same layers."""
+    plan = [("unet", specs[0].unet_targets, [s.unet_rank for s in specs], [s.unet_alpha for s in specs])]
+    if specs[0].text_encoder_rank > 0:
+        plan.append(("text_encoder", specs[0].text_encoder_targets, [s.text_encoder_rank for s in specs],
+                     [s.text_encoder_alpha for s in specs]))
+    return plan
 
 
 def create_engine(name: str, model_dir: Path, *, prediction_type: Optional[str] = None, deterministic: bool = False,

@@ -36,6 +36,7 @@ jt = import_jittor()  # before the modules below import Jittor: they find its en
 from jdiff.engines.jittor.lora import (LoraLinear, adapter_linears, adapter_of, attach_lora,  # noqa: E402
                                        lora_layers, lora_parameters)
 from jdiff.engines.jittor.fast.replay import Replay, device_arrays, extension  # noqa: E402
+from jdiff.engines.jittor.pack import JittorPacking  # noqa: E402
 from jdiff.engines.jittor.text_encoder import CLIPTextModel  # noqa: E402
 from jdiff.engines.jittor.unet import UNet2DConditionModel  # noqa: E402
 from jdiff.engines.jittor.vae import AutoencoderKL  # noqa: E402
@@ -107,7 +108,7 @@ class DynamicLossScale:
         return True
 
 
-class JittorEngine(Engine):
+class JittorEngine(JittorPacking, Engine):
     name = "jittor"
     fallback_precisions = ("no",)
 
@@ -363,7 +364,8 @@ class JittorEngine(Engine):
     def sampling_prediction(self, latents: jt.Var, timestep, states: jt.Var) -> jt.Var:
         """With ``compile=replay``, from the recorded call for these shapes."""
         timesteps = jt.array([int(timestep)])
-        if not self.replay:
+        if not self.replay or getattr(self, "router", None) is not None and self.router.ids is not None:
+            # a pack's routed sampling runs eagerly: its adapters are not the recorded call's inputs
             return self.predict(latents, timesteps, states)
         return self._unet_call([*(w.weight for w in self._adapter_linears(("unet",))), latents.cast(self.dtype),
                                 timesteps, states])[0]

@@ -25,6 +25,7 @@ from jdiff.devices import DeviceError, torch_device
 from jdiff.engines.base import Engine, EngineError, OptimizerSettings, TrainBatch, out_of_memory
 from jdiff.engines.options import TorchOptions, triton_interpreting
 from jdiff.engines.torch.graphs import CapturedCall, CapturedCalls, CaptureError
+from jdiff.engines.torch.pack import TorchPacking
 from jdiff.lora_file import Adapter, save_adapters
 from jdiff.schedule import read_scheduler_config
 from jdiff.train import diffusion_loss, weighted_loss
@@ -119,7 +120,7 @@ class DiffusersSampler:
         return self.scheduler.step(model_output, timestep, sample).prev_sample
 
 
-class TorchEngine(Engine):
+class TorchEngine(TorchPacking, Engine):
     name = "torch"
     fallback_precisions = ("bf16", "no")
 
@@ -412,7 +413,8 @@ class TorchEngine(Engine):
         return torch.cat(tensors)
 
     def sampling_prediction(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        if self.capture is None:
+        if self.capture is None or getattr(self, "router", None) is not None and self.router.ids is not None:
+            # a pack's routed sampling runs eagerly: a recorded call would keep the first batch's routing
             return self.predict(latents, t, states)
         if self._unet_calls is None:
             self._unet_calls = CapturedCalls(lambda x, step, s: (self.unet(x, step, encoder_hidden_states=s).sample,),
