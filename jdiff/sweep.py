@@ -305,7 +305,8 @@ def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int)
     token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{initial_job_idx}"
     folder = Path(str(config.hydra.sweep.dir)) / PACKS
     plan = {"launch": token, "packs": [{"id": f"{token}-{j}", "runs": [
-        {"dir": str(dirs[i]), "config": resolved(cfgs[i])} for i in members]} for j, members in enumerate(packs)]}
+        {"dir": str(dirs[i]), "config": resolved(cfgs[i]), "overrides": list(job_overrides[i])} for i in members]}
+        for j, members in enumerate(packs)]}
     write_json(folder / f"{token}.json", plan)
     index, _ = rundir.read_json(folder / "index.json")
     index = index or {}
@@ -369,6 +370,10 @@ def lead_pack(cfg: DictConfig, pack: dict, label: str, folder: Path) -> None:
                 continue
             rundir.prepare(run_dir, None, bool(config.get("overwrite")))
             write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)))
+            record = run_dir / rundir.HYDRA / "overrides.yaml"
+            if not record.exists():  # the member's own job may come after the run finished, when Hydra records nothing
+                record.parent.mkdir(exist_ok=True)
+                write_text(record, OmegaConf.to_yaml(OmegaConf.create(entry["overrides"])))
             members.append(run_dir)
         if members:
             run_members(cfg, members, label)
