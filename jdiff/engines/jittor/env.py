@@ -193,10 +193,10 @@ def import_quietly():
 
         preload_cudnn()
     try:
-        import jittor_utils  # Jittor's helpers: finds the compiler and the cache folder, compiles nothing
+        import jittor_utils  # Jittor's helpers: they find the compiler and the cache folder (jittor compiles)
 
         if _quieted and first_compile_ahead():
-            log.info("Jittor compiles itself on its first import here: a few minutes (once per machine; "
+            log.info("Jittor compiles itself on its first import here: a few minutes (once per install; "
                      "hydra.verbose=true shows its progress)")
         import jittor
     finally:
