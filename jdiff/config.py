@@ -106,6 +106,8 @@ class InferConfig:
 class ScoreConfig:
     # Metrics to compute; a metric whose weights are missing is skipped and the final score marked partial.
     metrics: List[str] = field(default_factory=lambda: ["dinov2", "hist", "lpips", "fid", "clip_iqa", "clip_r"])
+    # Metrics scored too when they can run (weights found), else left out with one info line, not a warning.
+    optional: List[str] = field(default_factory=list)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     batch_size: int = 25
     allow_download: bool = False  # fetch missing metric weights (otherwise only local files and caches are used)

@@ -196,6 +196,8 @@ def validate_config(cfg: DictConfig) -> None:
     score = cfg.score
     for metric in score.metrics:
         _one_of("score.metrics", metric, KNOWN_METRICS)
+    for metric in score.optional:
+        _one_of("score.optional", metric, KNOWN_METRICS)
     _check(len(score.metrics) > 0 or "score" not in stages, "score.metrics", list(score.metrics),
            f"name at least one of {', '.join(KNOWN_METRICS)} (score=hist needs no weights), or drop the score stage")
     _device(score.device, "score.device")

@@ -322,6 +322,60 @@ def test_environment_defaults_leave_the_users_settings_alone(monkeypatch, tmp_pa
     assert os.environ["nvcc_path"] == ""
 
 
+def test_jittors_start_up_lines_are_off_unless_jdiff_logs_verbosely(monkeypatch):
+    """log_silent=1 for the import unless jdiff's logger is at DEBUG (hydra.verbose); a user's log_silent or log_v
+    stands."""
+    import logging
+
+    monkeypatch.setattr(env, "gpu_driver_present", lambda: False)
+    monkeypatch.setattr(env, "_quieted", set())
+    for verbose, expected in ((False, "1"), (True, None)):
+        monkeypatch.setattr(os, "environ", {})
+        env.prepare_environment("cpu", verbose=verbose)
+        assert os.environ.get("log_silent") == expected and "log_v" not in os.environ
+    for user in ({"log_silent": "0"}, {"log_v": "1"}):  # the user asked for Jittor's lines
+        monkeypatch.setattr(os, "environ", dict(user))
+        env.prepare_environment("cpu", verbose=False)
+        assert os.environ.get("log_silent") == user.get("log_silent")
+    logger, before = logging.getLogger("jdiff"), logging.getLogger("jdiff").level
+    try:
+        for level, expected in ((logging.INFO, "1"), (logging.DEBUG, None)):  # hydra.verbose=true or =jdiff
+            logger.setLevel(level)
+            monkeypatch.setattr(os, "environ", {})
+            env.prepare_environment("cpu")
+            assert os.environ.get("log_silent") == expected, logging.getLevelName(level)
+    finally:
+        logger.setLevel(before)
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_jittor_imports_quietly_and_then_logs_as_usual(level):
+    """A fresh process: Jittor's [i ...] start-up lines only at DEBUG; afterwards its logs are on again (its later
+    warnings and errors show) and the environment holds no log_silent for child processes."""
+    code = (
+        f"import json, logging, os\nlogging.basicConfig(level=logging.{level})\n"
+        "from jdiff.engines.jittor.env import import_jittor\njt = import_jittor('cpu')\nimport jittor_utils\n"
+        "print(json.dumps([int(jt.flags.log_silent), jittor_utils.LOG.log_silent, os.environ.get('log_silent')]))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("log_silent", "log_v")}
+    done = run_python(code, pythonpath=[ROOT], extra_env={}, base=clean)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, 0, None]
+    start_up = [line for line in (done.stdout + done.stderr).splitlines() if "[i " in line]
+    assert bool(start_up) == (level == "DEBUG"), start_up
+    if level == "DEBUG":
+        assert any("cache_path" in line for line in start_up), start_up
+
+
+def test_first_compile_is_announced_only_when_jittors_core_is_not_built(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "jittor_utils", SimpleNamespace(cache_path=str(tmp_path)))
+    assert env.first_compile_ahead()
+    (tmp_path / "jittor_core.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert not env.first_compile_ahead()
+
+
 def test_cudnn_workspace_cap_is_a_fraction_of_the_card_never_above_jittors_quarter(monkeypatch):
     """JDIFF_CUDNN_WORKSPACE_GIB reaches Jittor as its ratio of the card; unset, Jittor's default stands; a bad
     value is refused by name; without cuDNN nothing is set."""
@@ -345,8 +399,10 @@ def test_cudnn_workspace_cap_is_a_fraction_of_the_card_never_above_jittors_quart
     assert len(ratios) == 2
 
 
-def run_python(code: str, *, pythonpath: list[Path], extra_env: dict[str, str]) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in (*env.NO_DOWNLOAD_SETTINGS, "nvcc_path")}
+def run_python(code: str, *, pythonpath: list[Path], extra_env: dict[str, str],
+               base: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = os.environ if base is None else base
+    clean = {k: v for k, v in base.items() if k not in (*env.NO_DOWNLOAD_SETTINGS, "nvcc_path")}
     clean.update(extra_env, PYTHONPATH=os.pathsep.join(map(str, pythonpath)))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=600)
 

@@ -6,6 +6,8 @@ independent computation of its definition, mostly written the way the challenge'
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -356,6 +358,27 @@ def test_a_metric_without_weights_is_skipped_with_a_clear_message(tiny_metrics, 
     assert set(result.metrics) == {"hist", "lpips", "clip_iqa", "clip_r"}
     final = final_score(result.metrics)
     assert final.partial and final.missing == ("dinov2", "fid")
+
+
+def test_only_asked_for_metrics_are_warned_about(tiny_metrics, two_styles, tmp_path, monkeypatch, caplog):
+    """score.metrics that cannot run: one warning line each; score.optional ones (the demo's): scored when they
+    can, else named in one info line. Neither is ever a number."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    settings = settings_for(tiny_metrics, metrics=["hist", "dinov2"], optional=["lpips", "fid", "clip_r"],
+                            dinov2_model="facebook/dinov2-base", clip_r_model="openai/clip-vit-large-patch14",
+                            fid_weights="weights-inception-2015-12-05-6726825d.pth")
+    with caplog.at_level(logging.INFO, logger="jdiff.scoring.scorer"):
+        result = Scorer(settings).score(two_styles)
+    assert set(result.metrics) == {"hist", "lpips"} and set(result.skipped) == {"dinov2", "fid", "clip_r"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "skipped dinov2" in warnings[0] and "huggingface-cli download facebook/dinov2-base" in warnings[0]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "left out" in r.getMessage()]
+    assert len(infos) == 1 and "\n" not in infos[0], infos
+    assert "scored with hist, lpips; left out fid, clip_r" in infos[0]
+    assert final_score(result.metrics).missing == ("dinov2", "fid", "clip_iqa", "clip_r")
 
 
 def test_a_folder_that_is_not_a_model_is_skipped(tiny_metrics, two_styles, tmp_path):

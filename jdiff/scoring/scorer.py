@@ -5,7 +5,9 @@ are then averaged over the styles, except CLIP-R (hits over all images) and FID 
 every generated image against every reference image). The final score is computed from these averages.
 
 Metric models load on first use, run batched on the GPU when there is one, and a metric whose weights
-are missing is skipped with its reason (logged once) while the others are still computed. Reference
+are missing is skipped with its reason while the others are still computed: a metric the config asks for
+(``score.metrics``) gets a warning line of its own, one that is only welcome (``score.optional``, the demo's)
+is named in a single info line. Reference
 features are computed once per style: kept in memory, and on disk under ``<cache>/score_features/``
 keyed by the model and the reference pixels, so later runs on the same style skip them too.
 """
@@ -89,7 +91,12 @@ class Scorer:
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; use some of {list(METRICS)}")
         self.settings = settings
-        self.metrics = [m for m in METRICS if m in settings.metrics]
+        optional = getattr(settings, "optional", None) or ()
+        unknown = [m for m in optional if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown optional metric(s) {unknown}; use some of {list(METRICS)}")
+        self.asked = [m for m in METRICS if m in settings.metrics]
+        self.metrics = [m for m in METRICS if m in settings.metrics or m in optional]
         self._device = None
         self.cache = FeatureCache(Path(cache_dir) / "score_features" if cache_dir is not None else None)
         self.skipped: dict[str, str] = {}
@@ -203,17 +210,22 @@ class Scorer:
                     metrics[metric] = fid
             else:
                 metrics[metric] = float(np.mean([values[metric] for values in per_style.values()]))
-        self._report_skipped()
+        self._report_skipped(metrics)
         return ScoreResult(metrics=metrics, per_style=per_style, skipped=dict(self.skipped),
                            seconds=time.perf_counter() - started)
 
-    def _report_skipped(self) -> None:
-        """One warning listing the metrics that could not run and why (each metric reported once)."""
+    def _report_skipped(self, scored: dict[str, float]) -> None:
+        """Each asked-for metric that could not run: a warning line with why; the optional ones: one info line.
+        Each metric is reported once per scorer."""
         new = {m: why for m, why in self.skipped.items() if m not in self._reported}
-        if new:
-            lines = [f"  {m}: {why}" for m, why in new.items()]
-            log.warning("score: skipped %s; the final score is partial.\n%s", ", ".join(new), "\n".join(lines))
-            self._reported.update(new)
+        for metric, why in new.items():
+            if metric in self.asked:
+                log.warning("score: skipped %s, so the final score is partial: %s", metric, why)
+        left_out = [m for m in new if m not in self.asked]
+        if left_out:
+            log.info("score: scored with %s; left out %s, which cannot run here (why: 'skipped' in scores.json; "
+                     "their weights: docs/scoring.md)", ", ".join(scored) or "no metric", ", ".join(left_out))
+        self._reported.update(new)
 
     def _pooled_fid(self, generated: list[np.ndarray], references: list[np.ndarray]) -> Optional[float]:
         from jdiff.scoring.fid import fid_from_features

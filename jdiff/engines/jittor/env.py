@@ -19,6 +19,14 @@ the user has not set them already:
   lists one. Without this, a machine that has nvcc but no driver (CI runners, containers) compiles Jittor's
   CUDA parts and then fails at run time.
 
+Jittor's start-up lines (``[i ...]``: lock file, compiler, cache folder, the tools it found) are shown only
+when jdiff logs at DEBUG, i.e. ``hydra.verbose=true`` or ``hydra.verbose=jdiff`` (:func:`verbose_logging`):
+otherwise ``log_silent=1`` is set for the import, and taken back afterwards (in Jittor's Python and C++ logs
+and in the environment, so child processes decide for themselves), so Jittor's warnings and errors while the
+run goes on still show. A user's own ``log_silent`` (or ``log_v``) is left as it is. Silent, Jittor does not
+show its first compile's progress, so jdiff says in one line that it compiles (minutes); a failed compile still
+prints the compiler's output, and the error says how to see Jittor's start-up lines.
+
 Failures become ``EngineError`` with what to do: Jittor missing, numpy 2 (Jittor 1.3.11 segfaults with it),
 or a failed compile (naming the cache folder; the compiler's messages are what Jittor printed above).
 The first import compiles Jittor's core (minutes); later imports reuse the cache.
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import signal
@@ -60,6 +69,14 @@ NO_DOWNLOAD_SETTINGS = {
     "FIX_TORCH_ERROR": "0",
 }
 DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while the NVIDIA driver is loaded
+QUIET_START = {"log_silent": "1"}  # Jittor's start-up lines off, unless jdiff logs at DEBUG
+log = logging.getLogger(__name__)
+_quieted: set[str] = set()  # the QUIET_START keys prepare_environment set, to take back after the import
+
+
+def verbose_logging() -> bool:
+    """Whether jdiff logs at DEBUG here: ``hydra.verbose=true``, or a logger name covering jdiff's Jittor engine."""
+    return log.isEnabledFor(logging.DEBUG)
 
 
 def gpu_driver_present() -> bool:
@@ -92,10 +109,18 @@ def jittor_cache_dir() -> str:
     return str(Path(os.environ.get("JITTOR_HOME", home)) / ".cache" / "jittor")
 
 
-def prepare_environment(device: str = "auto") -> None:
-    """Set Jittor's environment variables (only those the user left unset). Has effect before the first import."""
+def prepare_environment(device: str = "auto", verbose: bool | None = None) -> None:
+    """Set Jittor's environment variables (only those the user left unset). Has effect before the first import.
+    ``verbose`` (default: :func:`verbose_logging`) shows Jittor's start-up lines."""
     for key, value in NO_DOWNLOAD_SETTINGS.items():
         os.environ.setdefault(key, value)
+    if verbose is None:
+        verbose = verbose_logging()
+    if not verbose and "log_v" not in os.environ:  # log_v set: the user wants Jittor's lines
+        for key, value in QUIET_START.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _quieted.add(key)
     if device == "cpu" or not gpu_driver_present():
         os.environ.setdefault("nvcc_path", "")
 
@@ -115,14 +140,38 @@ def import_jittor(device: str = "auto"):
             "(numpy < 2), or use engine=torch."
         ) from err
     except Exception as err:  # Jittor compiles itself at import; a broken compiler or toolkit fails here
+        hidden = " (Jittor's start-up lines were hidden: hydra.verbose=true shows them)" if _quieted else ""
         raise EngineError(
             f"Jittor failed to compile at import ({type(err).__name__}: {err}). The compiler's messages are "
-            f"printed above; the compiled code lives in {jittor_cache_dir()} (delete it to retry from scratch). "
-            "Jittor needs g++; for GPU use also a CUDA toolkit (nvcc) and driver; set nvcc_path=\"\" to force "
-            "CPU-only mode, or use engine=torch."
+            f"printed above{hidden}; the compiled code lives in {jittor_cache_dir()} (delete it to retry from "
+            "scratch). Jittor needs g++; for GPU use also a CUDA toolkit (nvcc) and driver; set nvcc_path=\"\" to "
+            "force CPU-only mode, or use engine=torch."
         ) from err
-    use_device(jittor, device)
+    try:
+        use_device(jittor, device)
+    finally:
+        end_quiet_start(jittor)
     return jittor
+
+
+def end_quiet_start(jt) -> None:
+    """Take back the start-up silence: Jittor's later warnings and errors show, and child processes decide anew."""
+    if not _quieted:
+        return
+    jt.flags.log_silent = 0  # Jittor's C++ log (its warnings; it never silences errors)
+    utils = sys.modules.get("jittor_utils")
+    if utils is not None and hasattr(utils, "LOG"):
+        utils.LOG.log_silent = 0  # Jittor's Python log, which would silence its errors too
+    for key in _quieted:
+        os.environ.pop(key, None)
+    _quieted.clear()
+
+
+def first_compile_ahead() -> bool:
+    """Whether Jittor's core is not compiled yet in its cache folder (call after ``import jittor_utils``)."""
+    utils = sys.modules.get("jittor_utils")
+    folder = getattr(utils, "cache_path", None)
+    return bool(folder) and not any(Path(folder).glob("jittor_core*.so"))
 
 
 HANDLED_BY_JITTOR = (signal.SIGINT, signal.SIGCHLD)
@@ -144,6 +193,11 @@ def import_quietly():
 
         preload_cudnn()
     try:
+        import jittor_utils  # Jittor's helpers: they find the compiler and the cache folder (jittor compiles)
+
+        if _quieted and first_compile_ahead():
+            log.info("Jittor compiles itself on its first import here: a few minutes (once per install; "
+                     "hydra.verbose=true shows its progress)")
         import jittor
     finally:
         close_compile_pool()
