@@ -136,13 +136,17 @@ def hold_gpu(lock_dir: Path, gpus: list[str]) -> Iterator[Optional[str]]:
         time.sleep(POLL_SECONDS)
 
 
-def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
+def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str, sweep_dir: Optional[Path] = None) -> Optional[float]:
     """Run one sweep run in ``run_dir``; returns its final score, or None when it failed or did not run.
 
     A finished run is skipped (``overwrite=true`` runs it again); an unfinished, failed or broken one (a COMPLETE
-    that cannot be read) runs again from the start; a folder holding files jdiff did not write is left alone."""
+    that cannot be read) runs again from the start; a folder holding files jdiff did not write is left alone.
+    ``sweep_dir``: where the launcher's class-image plan recorded the styles of a ``prior.share=sweep`` class set."""
+    from jdiff.prior_plan import sweep_styles
+
     run_dir = Path(run_dir)
     resolve_paths(cfg)
+    sweep_styles(cfg, Path(sweep_dir) if sweep_dir is not None else run_dir.parent)
     state = rundir.inspect(run_dir)
     if state.foreign:  # not even a lock file goes there
         log.error("[%s] not run: %s; jdiff writes only into its own run folders", label, state.foreign_problem)
