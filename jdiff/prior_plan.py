@@ -195,6 +195,7 @@ def plan_sweep(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]])
              f" on GPUs {', '.join(gpus)}" if gpus else "")
     lock_dir = Path(groups[0].config["paths"]["cache"]) / "locks"
     temp = Path(tempfile.mkdtemp(prefix="jdiff-prior-plan-"))
+    children: list[subprocess.Popen] = []
 
     def run_share(index: int, share: list[tuple[int, list[Item]]]) -> dict:
         used = sorted({g for g, _ in share})
@@ -207,6 +208,7 @@ def plan_sweep(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]])
             begun = time.time()
             child = subprocess.Popen([sys.executable, "-m", "jdiff.prior_plan", str(work_file), str(result_file),
                                       "--label", f"prior {index}"], env=job_environment(gpu))
+            children.append(child)
             try:
                 code = child.wait()
             finally:
@@ -215,10 +217,19 @@ def plan_sweep(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]])
         return {"share": index, "gpu": gpu, "pid": child.pid, "batches": len(share), "exit_code": code,
                 "seconds": round(time.time() - begun, 3), "generated": (result or {}).get("generated", [])}
 
+    pool = ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="prior-share")
     try:
-        with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="prior-share") as pool:
-            record["shares"] = [f.result() for f in [pool.submit(run_share, i, s) for i, s in enumerate(work)]]
+        futures = [pool.submit(run_share, i, s) for i, s in enumerate(work)]
+        record["shares"] = [f.result() for f in futures]
+    except KeyboardInterrupt:  # Ctrl-C: the images made so far stay; the next launch makes the rest
+        log.warning("interrupted while making the class images; launch the sweep again to go on")
+        for future in futures:
+            future.cancel()
+        for child in children:
+            stop(child)
+        raise
     finally:
+        pool.shutdown(wait=True)
         for f in temp.iterdir():
             f.unlink()
         temp.rmdir()
