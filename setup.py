@@ -6,4 +6,6 @@ from setuptools import find_namespace_packages, setup
 
 CONF = ["jdiff.conf", *(f"jdiff.conf.{group}" for group in find_namespace_packages(where="conf"))]
 
-setup(packages=[*find_namespace_packages(include=["jdiff", "jdiff.*"]), *CONF], package_dir={"jdiff.conf": "conf"})
+# hydra_plugins.jdiff_gpu_pool: the sweep launcher (Hydra finds launchers only in the hydra_plugins namespace)
+setup(packages=[*find_namespace_packages(include=["jdiff", "jdiff.*"]), "hydra_plugins.jdiff_gpu_pool", *CONF],
+      package_dir={"jdiff.conf": "conf"})

@@ -61,6 +61,15 @@ class PriorConfig:
     images_per_object: int = 8
     template: str = "an image of {object}"
     include_prompt_objects: bool = True  # class images for the prompt objects too, not only the training set's
+    # object: class images of the style's own objects; sweep: one class set for every run, the objects of
+    # prior.styles (docs/sweeps.md)
+    share: str = "object"
+    # share=sweep: the styles whose objects form the class set (null: a sweep's own styles; a single run: every
+    # style under data.root). A sweep records its styles here in each run's config.yaml.
+    styles: Optional[List[str]] = None
+    max_objects: Optional[int] = None  # at most this many objects (those most styles name); null: all of them
+    # images per sampling batch (null: 16 on a GPU, infer.batch_size on the CPU); not a setting of the run's
+    batch_size: Optional[int] = None
 
 
 @dataclass

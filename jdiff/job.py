@@ -129,7 +129,12 @@ def run_packed(args) -> int:
 def load_config(run_dir: Path) -> DictConfig:
     """The run's resolved config, typed by the schema again (YAML alone would lose the types), its engine's
     options by that engine's options class."""
-    stored = OmegaConf.load(run_dir / CONFIG_FILE)
+    return typed_config(OmegaConf.load(run_dir / CONFIG_FILE))
+
+
+def typed_config(stored) -> DictConfig:
+    """A resolved config (a DictConfig or plain dict) typed by the schema, its engine's options by that engine's."""
+    stored = OmegaConf.create(stored) if isinstance(stored, dict) else stored
     cfg = OmegaConf.merge(OmegaConf.structured(JdiffConfig), stored)
     engine = ENGINES.get(OmegaConf.select(stored, "engine.name", default=None))
     if engine is not None:

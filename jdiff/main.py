@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         try:
-            return run_sweep_job(cfg, run_dir, label=f"#{hydra_cfg.job.num}")
+            return run_sweep_job(cfg, run_dir, label=f"#{hydra_cfg.job.num}", sweep_dir=Path(str(hydra_cfg.sweep.dir)))
         except KeyboardInterrupt:
             stop(f"interrupted: the sweep stopped; {run_dir} and the runs not started yet are unfinished. Launch the "
                  f"same command with sweep.name={cfg.sweep.name} to resume (finished runs are kept).", 130)

@@ -11,6 +11,7 @@ The run directory ends up holding everything needed to understand and reproduce 
     run.log             the log
     COMPLETE            written last: the run finished
     FAILED              instead, in a sweep: {"error": ..., "type": ...} of the run that failed
+    class_set.json      with prior preservation: the class set (share, styles, objects, cache folder)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jdiff.files import inside, save_png, write_json, write_text
 from jdiff.generate import generate_images
 from jdiff.lora_file import check_adapter_file
 from jdiff.models import ModelNotFoundError, check_build_path, resolve_model_dir
-from jdiff.prior import ClassImage, ClassImageSettings, class_cache_dir, class_images, load_class_images
+from jdiff.prior import ClassImage, ClassSet, class_images, class_set, load_class_images, prior_batch_size
 from jdiff.schedule import NoiseSchedule
 from jdiff.scoring import final_score
 from jdiff.scoring.scorer import Scorer, StyleImages
@@ -67,6 +68,17 @@ def lora_spec(cfg: DictConfig) -> LoraSpec:
     )
 
 
+def load_engine(cfg: DictConfig, model_dir: Path) -> Engine:
+    """The engine ``cfg`` chooses, with the model of ``model_dir`` loaded."""
+    e = cfg.engine
+    log.info("loading %s with engine=%s", model_dir, e.name)
+    # every option of the chosen engine, whichever it is (their keys are that engine's: TorchOptions or
+    # JittorOptions in jdiff/engines/options.py)
+    options = {k: v for k, v in OmegaConf.to_container(e, resolve=True).items() if k != "name"}
+    return create_engine(e.name, model_dir, prediction_type=cfg.model.prediction_type,
+                         deterministic=cfg.deterministic, **options)
+
+
 class Run:
     """The state shared by the stages of one run; the engine is loaded on first use."""
 
@@ -85,14 +97,8 @@ class Run:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            e = self.cfg.engine
-            log.info("loading %s with engine=%s", self.model_dir, e.name)
             started = time.perf_counter()
-            # every option of the chosen engine, whichever it is (their keys are that engine's: TorchOptions or
-            # JittorOptions in jdiff/engines/options.py)
-            options = {k: v for k, v in OmegaConf.to_container(e, resolve=True).items() if k != "name"}
-            self._engine = create_engine(e.name, self.model_dir, prediction_type=self.cfg.model.prediction_type,
-                                         deterministic=self.cfg.deterministic, **options)
+            self._engine = load_engine(self.cfg, self.model_dir)
             self.seconds["load_engine"] = round(time.perf_counter() - started, 2)
         return self._engine
 
@@ -106,19 +112,15 @@ class Run:
 
     # -- stages -------------------------------------------------------------------------------------------
 
+    def class_set(self) -> ClassSet:
+        """The class images this run trains with (:func:`jdiff.prior.class_set`)."""
+        return class_set(self.cfg, self.style, self.model_dir, self.schedule.prediction_type)
+
     def prior(self) -> None:
-        cfg = self.cfg
-        settings = ClassImageSettings(
-            template=cfg.prior.template, resolution=cfg.data.resolution, steps=cfg.infer.steps,
-            guidance_scale=cfg.infer.guidance_scale, negative_prompt=cfg.infer.negative_prompt,
-            sampler=cfg.infer.sampler, seed=cfg.seed, prediction_type=self.schedule.prediction_type,
-        )
-        objects = list(self.style.objects)
-        if cfg.prior.include_prompt_objects:
-            objects += list(self.style.prompt_objects)
-        cache = class_cache_dir(Path(cfg.paths.cache), self.model_dir, settings)
-        self.class_items = class_images(cache, objects, cfg.prior.images_per_object, settings,
-                                        lambda: self.engine, cfg.infer.batch_size)
+        wanted = self.class_set()
+        write_json(self.dir / rundir.CLASS_SET, wanted.record())
+        self.class_items = class_images(wanted.cache_dir, list(wanted.objects), wanted.per_object, wanted.settings,
+                                        lambda: self.engine, prior_batch_size(self.cfg))
 
     def train(self) -> None:
         if self.cfg.prior.enabled and not self.class_items:

@@ -697,7 +697,8 @@ def _check_sweep_dir(sweep_dir: Path) -> None:
 REPORT_STARTS = {"scores.csv": "run,status,", "scores.md": "# Sweep ", "report.html": "<!DOCTYPE html><html><head>"}
 
 
-SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml", *REPORT_STARTS)  # Hydra's, Optuna's and the report
+# Hydra's, Optuna's, the class-image plan's (jdiff.prior_plan) and the report
+SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml", "class_images.json", *REPORT_STARTS)
 
 
 def check_sweep_folder(sweep_dir: Path) -> None:

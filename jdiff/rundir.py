@@ -38,15 +38,18 @@ LOG = "run.log"
 COMPLETE = "COMPLETE"
 FAILED = "FAILED"
 JOB = "job.json"
+CLASS_SET = "class_set.json"  # the run's class images: share, styles, objects, cache folder
 HYDRA = ".hydra"
 LOCK = ".lock"
 # The adapter of the run in another format, by jdiff.export's format name
 EXPORTS = {fmt: f"lora.{fmt}.safetensors" for fmt in ("webui", "comfyui", "diffusers")}
 # What a run writes (and what overwrite=true removes), and everything else that may be in a run directory.
-OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB, *EXPORTS.values())
+OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB, CLASS_SET, *EXPORTS.values())
 RECORD = (LOG, HYDRA, LOCK)
 # Keys that say where and how a run is placed, not what it computes: a run may resume with other values.
 PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep", "overwrite")
+# Keys that say how the work is packed, not what it computes (the class images' batches: docs/sweeps.md).
+PACKING_KEYS = ("prior.batch_size",)
 # jdiff.files.atomic_write's temporary files: ".<name>.<random>.tmp<suffix>".
 TEMPORARY = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
 
@@ -212,9 +215,23 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Keys of two resolved configs whose values differ, leaving out where and how the run is placed."""
+    """Keys of two resolved configs whose values differ, leaving out where and how the run is placed and how its
+    work is packed. A key the old config lacks (it is newer than the run) counts only when it is not at its
+    default: a new key's default keeps what runs did before it."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in PLACEMENT_KEYS)
+    defaults = schema_defaults()
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in PLACEMENT_KEYS
+                  and k not in PACKING_KEYS and not (k not in a and k in defaults and b.get(k) == defaults[k]))
+
+
+def schema_defaults() -> dict:
+    """The defaults of jdiff's schema (jdiff.config.JdiffConfig), flattened; the engine's options are not in it."""
+    from omegaconf import OmegaConf
+
+    from jdiff.config import JdiffConfig
+
+    tree = OmegaConf.to_container(OmegaConf.structured(JdiffConfig), resolve=False, throw_on_missing=False)
+    return {k: v for k, v in flatten(tree).items() if v != "???"}
 
 
 def remove_temporary(run_dir: Path) -> None:

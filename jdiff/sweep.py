@@ -136,13 +136,17 @@ def hold_gpu(lock_dir: Path, gpus: list[str]) -> Iterator[Optional[str]]:
         time.sleep(POLL_SECONDS)
 
 
-def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
+def run_sweep_job(cfg: DictConfig, run_dir: Path, label: str, sweep_dir: Optional[Path] = None) -> Optional[float]:
     """Run one sweep run in ``run_dir``; returns its final score, or None when it failed or did not run.
 
     A finished run is skipped (``overwrite=true`` runs it again); an unfinished, failed or broken one (a COMPLETE
-    that cannot be read) runs again from the start; a folder holding files jdiff did not write is left alone."""
+    that cannot be read) runs again from the start; a folder holding files jdiff did not write is left alone.
+    ``sweep_dir``: where the launcher's class-image plan recorded the styles of a ``prior.share=sweep`` class set."""
+    from jdiff.prior_plan import sweep_styles
+
     run_dir = Path(run_dir)
     resolve_paths(cfg)
+    sweep_styles(cfg, Path(sweep_dir) if sweep_dir is not None else run_dir.parent)
     pack = find_pack(run_dir) if str(cfg.sweep.pack) != "1" else None
     if pack is not None:
         return run_pack_job(cfg, run_dir, label, pack)
@@ -281,6 +285,7 @@ def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int)
     from hydra.core.hydra_config import HydraConfig
 
     from jdiff.pack import plan_packs
+    from jdiff.prior_plan import sweep_styles
 
     order = list(range(len(job_overrides)))
     pack = OmegaConf.select(config, "sweep.pack", default=1)
@@ -295,9 +300,10 @@ def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int)
                 job.hydra.job.num = initial_job_idx + idx
             HydraConfig.instance().set_config(job)
             dirs.append(Path(os.path.abspath(Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir))))
+            sweep_dir = Path(os.path.abspath(str(job.hydra.sweep.dir)))
             with open_dict(job):
                 del job["hydra"]
-            cfgs.append(resolve_paths(job))
+            cfgs.append(sweep_styles(resolve_paths(job), sweep_dir))
     finally:
         HydraConfig.instance().cfg = kept
     gpus = len(sweep_gpus(config.gpus))

@@ -21,6 +21,7 @@ from jdiff.tiny_model import ARCHITECTURES
 INIT_MODES = ("noise", "avg_image")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("model", "ddim")
+PRIOR_SHARES = ("object", "sweep")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 KNOWN_METRICS = ("dinov2", "hist", "lpips", "fid", "clip_iqa", "clip_r")
 FID_FEATURES = (64, 192, 768, 2048)
@@ -160,6 +161,18 @@ def validate_config(cfg: DictConfig) -> None:
     _check(prior.weight >= 0, "prior.weight", prior.weight, "the class-loss weight must be >= 0")
     _check(prior.images_per_object >= 1, "prior.images_per_object", prior.images_per_object, "must be >= 1")
     _check("{object}" in prior.template, "prior.template", prior.template, "it must contain {object}")
+    _one_of("prior.share", prior.share, PRIOR_SHARES)
+    _check(prior.max_objects is None or prior.max_objects >= 1, "prior.max_objects", prior.max_objects,
+           "keep at least 1 object, or null for all of them")
+    _check(prior.batch_size is None or prior.batch_size >= 1, "prior.batch_size", prior.batch_size,
+           "at least 1 image per batch, or null (16 on a GPU, infer.batch_size on the CPU)")
+    if prior.styles is not None:
+        styles = [str(s) for s in prior.styles]
+        _check(prior.share == "sweep", "prior.styles", styles,
+               "it names the styles of a shared class set: add prior.share=sweep, or drop prior.styles")
+        _check(len(styles) > 0 and all(s.strip() and s not in (".", "..") and not any(c in s for c in "/\\")
+                                       for s in styles), "prior.styles", styles,
+               "name style folders under data.root, e.g. prior.styles=[00,01], or null")
 
     aug = cfg.augment
     _check(1.0 <= aug.crop_scale <= 2.0, "augment.crop_scale", aug.crop_scale,
