@@ -386,11 +386,25 @@ class Engine(abc.ABC):
         """Go on with runs ``members`` of the pack only (a run that failed is dropped)."""
         raise EngineError(f"engine={self.name} cannot train packed runs")
 
-    def routed(self, ids: Optional[np.ndarray]) -> contextlib.AbstractContextManager:
-        """The context of a pack's sampling: prompt i through the adapter of run ``ids[i]``."""
-        if ids is not None:
-            raise EngineError(f"engine={self.name} cannot sample packed runs")
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def routed(self, ids: Optional[np.ndarray]):
+        """The context of a pack's sampling: prompt i through the adapter of run ``ids[i]`` (the packed layers'
+        router, which :meth:`add_packed_lora` made, takes them as the engine's tensor: :meth:`route_ids`)."""
+        if ids is None:
+            yield
+            return
+        router = getattr(self, "router", None)
+        if router is None:
+            raise EngineError(f"engine={self.name} has no packed adapters to route prompts to")
+        router.ids = self.route_ids(np.asarray(ids))
+        try:
+            yield
+        finally:
+            router.ids = None
+
+    def route_ids(self, ids: np.ndarray):
+        """Adapter indices (one per prompt) as the engine's integer tensor."""
+        raise EngineError(f"engine={self.name} cannot sample packed runs")
 
 
 def pack_plan(specs: list[LoraSpec]) -> list[tuple[str, tuple, list[int], list[float]]]:

@@ -193,7 +193,7 @@ def import_quietly():
 
         preload_cudnn()
     try:
-        import jittor_utils  # Jittor's helpers: they find the compiler and the cache folder (jittor compiles)
+        import jittor_utils  # noqa: F401 (imported for its side effects) Jittor's helpers find the compiler and the cache folder (jittor compiles)
 
         if _quieted and first_compile_ahead():
             log.info("Jittor compiles itself on its first import here: a few minutes (once per install; "

@@ -9,7 +9,6 @@ gradients are, and a run whose gradients overflow skips its step alone.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import jittor as jt
@@ -223,15 +222,5 @@ class JittorPacking:
             if self.pack_scales:
                 self.pack_scales = [self.pack_scales[m] for m in members]
 
-    def routed(self, ids: Optional[np.ndarray]):
-        @contextlib.contextmanager
-        def route():
-            if ids is None:
-                yield
-                return
-            self.router.ids = jt.array(np.asarray(ids, np.int32))
-            try:
-                yield
-            finally:
-                self.router.ids = None
-        return route()
+    def route_ids(self, ids: np.ndarray) -> jt.Var:
+        return jt.array(ids.astype(np.int32))

@@ -264,19 +264,6 @@ class TorchPacking:
             self.pack_optimizer.keep(members, params)
             self.trainable = params
 
-    def routed(self, ids: Optional[np.ndarray]):
-        """Sampling with each prompt through adapter ``ids[i]`` of the pack (None: no routing)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def route():
-            if ids is None:
-                yield
-                return
-            self.router.ids = torch.as_tensor(np.asarray(ids), device=self.device)
-            try:
-                yield
-            finally:
-                self.router.ids = None
-        return route()
+    def route_ids(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(ids, device=self.device)
 
