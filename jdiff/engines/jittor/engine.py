@@ -21,6 +21,7 @@ learning rates, the loss scale) go in as a small array, computed on the host as 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Optional
@@ -363,10 +364,16 @@ class JittorEngine(Engine):
     def sampling_prediction(self, latents: jt.Var, timestep, states: jt.Var) -> jt.Var:
         """With ``compile=replay``, from the recorded call for these shapes."""
         timesteps = jt.array([int(timestep)])
-        if not self.replay:
+        if not self.replay or self.hooked:  # a hooked attention runs Python code a replayed plan skips
             return self.predict(latents, timesteps, states)
         return self._unet_call([*(w.weight for w in self._adapter_linears(("unet",))), latents.cast(self.dtype),
                                 timesteps, states])[0]
+
+    def _hook_attention(self, module, name: str, hook) -> None:
+        module.hook = functools.partial(hook, name)
+
+    def _unhook_attention(self, module) -> None:
+        module.hook = None
 
     def _unet_graph(self, inputs: list) -> list:
         linears = self._adapter_linears(("unet",))
