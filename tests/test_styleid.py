@@ -186,26 +186,38 @@ def request(engine, n: int = 2) -> GenerateRequest:
                                                               for k in range(n)]), strength=0.7)
 
 
-def test_the_two_engines_stylise_alike(tiny_model_dir, torch_engine):
-    jittor_engine = JittorEngine(tiny_model_dir, JittorOptions(device="cpu"))
+@pytest.fixture(scope="module")
+def speed_path_engines(tiny_model_dir) -> tuple[TorchEngine, JittorEngine]:
+    """The engines on their speed paths' code: torch's static-buffer sampling calls (engine.compile=cuda-graphs
+    without recording), Jittor's replayed sampling calls (engine.compile=replay)."""
+    torch_engine = TorchEngine(tiny_model_dir, TorchOptions(device="cpu"))
+    torch_engine.use_static_calls(False)
+    return torch_engine, JittorEngine(tiny_model_dir, JittorOptions(device="cpu", compile="replay"))
+
+
+def test_the_two_engines_stylise_alike(torch_engine, speed_path_engines):
     settings = InjectSettings(gamma=0.5, temperature=1.5, adain_init=True, inversion_steps=4)
     images = {}
-    for engine in (torch_engine, jittor_engine):
+    for engine in speed_path_engines:
         images[engine.name] = engine_images = StyleID(engine, settings, image(3)).generate(request(engine))
         assert len(engine_images) == 2 and engine_images[0].shape == (RES, RES, 3)
     plain = torch_engine.generate(request(torch_engine))
-    for got, want, before in zip(images["jittor"], images["torch"], plain):
+    eager = StyleID(torch_engine, settings, image(3)).generate(request(torch_engine))
+    for got, want, before, same in zip(images["jittor"], images["torch"], plain, eager):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+        assert np.abs(want.astype(int) - same.astype(int)).max() <= 1  # the static calls change nothing
         assert np.abs(want.astype(int) - before.astype(int)).mean() > 1  # injection changed the image
 
 
-def test_the_hook_is_removed_and_recorded_calls_resume(torch_engine):
-    styleid = StyleID(torch_engine, InjectSettings(inversion_steps=2), image(3))
-    before = torch_engine.generate(request(torch_engine, 1))
-    styleid.generate(request(torch_engine, 1))
-    assert not torch_engine.hooked
+def test_the_hook_is_removed_and_the_recorded_calls_resume(speed_path_engines):
+    for engine in speed_path_engines:
+        before = engine.generate(request(engine, 1))
+        StyleID(engine, InjectSettings(inversion_steps=2), image(3)).generate(request(engine, 1))
+        assert not engine.hooked
+        np.testing.assert_array_equal(engine.generate(request(engine, 1))[0], before[0])
+    torch_engine, jittor_engine = speed_path_engines
     assert all(type(m.processor).__name__ != "HookedSelfAttention" for _, _, m in torch_engine._self_attentions())
-    np.testing.assert_array_equal(torch_engine.generate(request(torch_engine, 1))[0], before[0])
+    assert all(m.hook is None for _, _, m in jittor_engine._self_attentions())
 
 
 # -- the config group and the pipeline ------------------------------------------------------------------------
@@ -226,7 +238,7 @@ def test_bad_inject_settings_are_refused_by_name(jdiff_root):
 def test_a_run_with_inject_styleid_writes_stylised_images(jdiff_root, tmp_path):
     from jdiff.pipeline import run
 
-    base = QUICK + ["engine=torch", "stages=[prior,train,generate]", "data.resolution=32", "train.steps=2"]
+    base = QUICK + ["engine=torch", "prior=off", "stages=[train,generate]", "data.resolution=32", "train.steps=2"]
     out = {}
     for name, extra in (("plain", []), ("styleid", ["inject=styleid", "inject.inversion_steps=3",
                                                     "inject.style_image=0"])):
@@ -237,5 +249,4 @@ def test_a_run_with_inject_styleid_writes_stylised_images(jdiff_root, tmp_path):
     assert any(a.read_bytes() != b.read_bytes() for a, b in zip(plain, styled))
     assert "name: styleid" in (out["styleid"] / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"inject\.style_image=99 .* reference images"):
-        run(compose_config(base + ["inject=styleid", "inject.style_image=99", "stages=[train,generate]",
-                                   "prior=off"], jdiff_root), tmp_path / "bad")
+        run(compose_config(base + ["inject=styleid", "inject.style_image=99"], jdiff_root), tmp_path / "bad")
