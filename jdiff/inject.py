@@ -101,9 +101,9 @@ def inversion_step(sampler: DDIMSampler, prediction, timestep: int, sample):
     timestep = int(timestep)
     alpha = float(sampler.alphas_cumprod[timestep])
     alpha_prev = float(sampler.alpha_before(timestep - sampler.step_size()))
-    if sampler.prediction_type == "epsilon":
-        return (np.sqrt(alpha / alpha_prev) * (sample - np.sqrt(1 - alpha_prev) * prediction)
-                + np.sqrt(1 - alpha) * prediction)
+    if sampler.prediction_type == "epsilon":  # Python floats: a numpy scalar times a Jittor Var is not a Var
+        return (float(np.sqrt(alpha / alpha_prev)) * (sample - float(np.sqrt(1 - alpha_prev)) * prediction)
+                + float(np.sqrt(1 - alpha)) * prediction)
     a = float(np.sqrt(alpha_prev * alpha) + np.sqrt((1 - alpha_prev) * (1 - alpha)))
     b = float(np.sqrt(1 - alpha_prev) * np.sqrt(alpha) - np.sqrt(alpha_prev) * np.sqrt(1 - alpha))
     return (sample - b * prediction) / a

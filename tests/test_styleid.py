@@ -20,6 +20,8 @@ from jdiff.validate import ConfigError, validate_config
 
 jt = import_jittor("cpu")
 
+import jdiff.engines.jittor.blocks as jittor_blocks  # noqa: E402
+import jdiff.engines.jittor.unet as jittor_unet  # noqa: E402
 from jdiff.engines.jittor.engine import JittorEngine  # noqa: E402
 from jdiff.engines.torch.engine import TorchEngine  # noqa: E402
 
@@ -64,6 +66,12 @@ def test_the_inversion_step_undoes_the_ddim_step(tiny_model_dir, prediction_type
         noisier = inversion_step(sampler, prediction, t, x)
         assert np.abs(noisier - x).max() > 1e-3  # it moves
         np.testing.assert_allclose(sampler.step(prediction, t, noisier), x, atol=1e-5)
+    import torch
+
+    for tensor, to_host in ((jt.array, lambda y: y.numpy()), (torch.from_numpy, lambda y: y.numpy())):
+        x32, prediction32 = x.astype(np.float32), prediction.astype(np.float32)
+        on_engine = inversion_step(sampler, tensor(prediction32), 501, tensor(x32))  # each engine's tensors
+        np.testing.assert_allclose(to_host(on_engine), inversion_step(sampler, prediction, 501, x), atol=1e-5)
 
 
 def test_adain_gives_the_content_the_style_s_channel_statistics():
@@ -207,6 +215,22 @@ def test_the_two_engines_stylise_alike(torch_engine, speed_path_engines):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
         assert np.abs(want.astype(int) - same.astype(int)).max() <= 1  # the static calls change nothing
         assert np.abs(want.astype(int) - before.astype(int)).mean() > 1  # injection changed the image
+
+
+def test_jittor_fast_s_precision_stylises_like_float32(tiny_model_dir, speed_path_engines, monkeypatch):
+    """engine=jittor_fast's settings bar the device (fp16, replay): the injected q, k, v stay float16."""
+    fp16 = JittorEngine(tiny_model_dir, JittorOptions(device="cpu", mixed_precision="fp16", compile="replay"))
+    settings = InjectSettings(gamma=0.5, temperature=1.5, adain_init=True, inversion_steps=4)
+    dtypes = set()
+    attend = jittor_blocks.attention
+    monkeypatch.setattr(jittor_unet, "attention", lambda q, k, v, **kw: (dtypes.add((str(q.dtype), str(k.dtype))),
+                                                                          attend(q, k, v, **kw))[1])
+    half = StyleID(fp16, settings, image(3)).generate(request(fp16))
+    monkeypatch.undo()
+    assert dtypes == {("float16", "float16")}, dtypes
+    full = StyleID(speed_path_engines[1], settings, image(3)).generate(request(speed_path_engines[1]))
+    for got, want in zip(half, full):
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 2
 
 
 def test_the_hook_is_removed_and_the_recorded_calls_resume(speed_path_engines):

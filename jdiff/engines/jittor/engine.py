@@ -21,7 +21,6 @@ learning rates, the loss scale) go in as a small array, computed on the host as 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from pathlib import Path
 from typing import Optional
@@ -370,7 +369,11 @@ class JittorEngine(Engine):
                                 timesteps, states])[0]
 
     def _hook_attention(self, module, name: str, hook) -> None:
-        module.hook = functools.partial(hook, name)
+        def hooked(q, k, v):
+            # in the model's precision again: Jittor widens a float16 Var times a Python float to float32
+            return tuple(x.cast(q.dtype) for x in hook(name, q, k, v))
+
+        module.hook = hooked
 
     def _unhook_attention(self, module) -> None:
         module.hook = None
