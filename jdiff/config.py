@@ -87,6 +87,21 @@ class InitConfig:
 
 
 @dataclass
+class InjectConfig:
+    # none; styleid: StyleID style injection on each generated image (jdiff/inject.py, docs/styleid.md)
+    name: str = "none"
+    gamma: float = 0.75  # query blend: gamma * q_content + (1 - gamma) * q_now (0.3: more style)
+    temperature: float = 1.5  # the injected attention's logits are multiplied by this
+    # Attention modules whose self-attention is injected, by diffusers name (up_blocks.2.attentions.1); null:
+    # StyleID's choice, the decoder's last two attention levels less the first module (SD 2.1: up_blocks.2.
+    # attentions.1-2, up_blocks.3.attentions.0-2)
+    layers: Optional[List[str]] = None
+    inversion_steps: int = 20  # DDIM steps of the inversions and of the stylised sampling
+    adain_init: bool = True  # start from the inverted content latents AdaIN-ed to the style's channel statistics
+    style_image: str = "average"  # the style reference to inject: its index (0, 1, ...) or average (their mean)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 800
     batch_size: int = 1  # style images per step (and as many class images with prior preservation)
@@ -181,6 +196,7 @@ class JdiffConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -205,6 +221,7 @@ HELP = {
     "prior": "prior preservation: class images of the objects, and their loss weight",
     "augment": "training-image augmentation: crop scale, flips, rotation",
     "init": "where generation starts: the average style image (img2img) or noise",
+    "inject": "style injection after generation: none, or styleid (gamma, temperature, layers, style_image)",
     "train": "LoRA training: steps, batch size, learning rate and its schedule, AdamW",
     "infer": "generation: sampling steps, guidance scale, negative prompt, sampler, batch size",
     "score": "the challenge's metrics and the models they load (hist: needs no weights)",

@@ -25,17 +25,24 @@ def sampling_seed(cfg: DictConfig, style: StyleSet) -> int:
 
 
 def generate_images(engine: Engine, cfg: DictConfig, style: StyleSet, out_dir: Path) -> list[Path]:
+    """One image per prompt object into ``out_dir``; with inject=styleid each is the image jdiff would make,
+    stylised by StyleID's style injection (:mod:`jdiff.inject`) from the style's references."""
     objects = list(style.prompt_objects)
     init_image = None
     if cfg.init.mode == "avg_image":
         init_image = to_model_range(average_style_image(style.images_at(cfg.data.resolution)))
+    from jdiff.inject import STYLEID, StyleID  # it samples with this module's loop
+
+    make = engine.generate
+    if cfg.inject.name == STYLEID:
+        make = StyleID.from_config(engine, cfg.inject, style, cfg.data.resolution).generate
     saved = []
     size = cfg.infer.batch_size
     # PNGs are written on a worker thread while the next batch samples (PIL encodes without holding the GIL)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
         for start in tqdm(range(0, len(objects), size), desc="generate", unit="batch"):
             chunk = objects[start : start + size]
-            images = engine.generate(sampling_request(engine, cfg, style, chunk, start, init_image))
+            images = make(sampling_request(engine, cfg, style, chunk, start, init_image))
             saved += [writer.submit(save_png, out_dir / image_file_name(o), im) for o, im in zip(chunk, images)]
     return [future.result() for future in saved]
 
@@ -65,7 +72,20 @@ def sampling_request(engine: Engine, cfg: DictConfig, style: StyleSet, chunk: li
 def denoise(engine: Engine, req: GenerateRequest) -> list[np.ndarray]:
     """Sample ``req``'s images with ``engine``'s primitives (see :class:`jdiff.engines.base.Engine`): uint8 arrays
     (H, W, 3), one per prompt. ``Engine.generate`` runs this inside the engine's sampling context (no gradients,
-    its out-of-memory advice).
+    its out-of-memory advice). The latents come from :func:`denoise_latents`."""
+    return decoded_images(engine, denoise_latents(engine, req), req.prompts)
+
+
+def decoded_images(engine: Engine, latents, prompts: list[str]) -> list[np.ndarray]:
+    """The VAE's images of ``latents`` as uint8 arrays; non-finite images are refused
+    (:func:`jdiff.engines.base.uint8_images`)."""
+    return uint8_images(engine.decode(latents), prompts, mixed_precision=engine.mixed_precision,
+                        alternatives=[m for m in engine.fallback_precisions if m != engine.mixed_precision],
+                        adapted=bool(engine.lora_settings))
+
+
+def denoise_latents(engine: Engine, req: GenerateRequest):
+    """The clean latents of ``req``'s images, an engine tensor (B, C, h, w):
 
     - Text: the prompts' states, blended towards the origin prompts' by ``origin_scale`` (0: the style prompt
       alone, 1: the plain prompt's).
@@ -73,7 +93,6 @@ def denoise(engine: Engine, req: GenerateRequest) -> list[np.ndarray]:
       int(steps * strength) steps begin.
     - Each step: with guidance > 1 the unconditional (negative-prompt) and conditional predictions come from one
       batch of twice the size, and are mixed as uncond + guidance * (cond - uncond); then the sampler's step.
-    - End: the VAE decodes; non-finite images are refused (:func:`jdiff.engines.base.uint8_images`).
     """
     n = len(req.prompts)
     sampler = engine.make_sampler(req.sampler)
@@ -99,6 +118,4 @@ def denoise(engine: Engine, req: GenerateRequest) -> list[np.ndarray]:
             uncond, cond = prediction[:n], prediction[n:]
             prediction = uncond + req.guidance_scale * (cond - uncond)
         latents = engine.step_done(sampler.step(prediction, t, latents))
-    return uint8_images(engine.decode(latents), req.prompts, mixed_precision=engine.mixed_precision,
-                        alternatives=[m for m in engine.fallback_precisions if m != engine.mixed_precision],
-                        adapted=bool(engine.lora_settings))
+    return latents

@@ -101,6 +101,34 @@ def check_engine(engine) -> EngineOptions:
         raise ConfigError(str(err)) from err
 
 
+INJECT = ("none", "styleid")
+
+
+def check_inject(cfg: DictConfig) -> None:
+    """``inject.*``: the StyleID settings (the layers are checked against the model once it is loaded)."""
+    inject = cfg.inject
+    _one_of("inject.name", inject.name, INJECT)
+    if inject.name == "none":
+        return
+    _check(0.0 <= inject.gamma <= 1.0, "inject.gamma", inject.gamma,
+           "the content query's share in [0, 1] (StyleID: 0.75; 0.3 for more style)")
+    _check(0.0 < inject.temperature < float("inf"), "inject.temperature", inject.temperature,
+           "a number > 0 (StyleID: 1.5; 1 leaves the logits as they are)")
+    _check(1 <= inject.inversion_steps <= 1000, "inject.inversion_steps", inject.inversion_steps,
+           "DDIM steps in [1, 1000] (StyleID: 20 on SD 2.1, 50 on SD 1.4)")
+    _check(inject.layers is None or (len(inject.layers) > 0 and all(str(n).strip() for n in inject.layers)),
+           "inject.layers", None if inject.layers is None else list(inject.layers),
+           "name attention modules, e.g. [up_blocks.3.attentions.0], or null for StyleID's choice")
+    style_image = str(inject.style_image)
+    _check(style_image == "average" or style_image.isdecimal(), "inject.style_image", style_image,
+           "the index of a reference image (0, 1, ...) or average")
+    compile_mode = OmegaConf.select(cfg, "engine.compile")
+    _check(compile_mode not in ("reduce-overhead", "max-autotune"), "engine.compile", compile_mode,
+           "inject=styleid hooks Python code into the UNet's attention, which torch.compile would compile again "
+           "for every layer and step: use engine.compile=no or cuda-graphs (engine=torch_fast), whose injected "
+           "calls run eagerly")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` on the first value that cannot work."""
     from jdiff.config import JdiffConfig
@@ -186,6 +214,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(int(cfg.init.strength * cfg.infer.steps) >= 1, "init.strength", cfg.init.strength,
                f"with infer.steps={cfg.infer.steps} it leaves no denoising step: use a strength of at least "
                f"1/infer.steps ({1 / cfg.infer.steps:.3g}), or more steps")
+
+    check_inject(cfg)
 
     train = cfg.train
     _check(train.steps >= 1, "train.steps", train.steps, "must be >= 1")

@@ -75,3 +75,14 @@ def test_loop_speed_reads_the_pace_after_the_first_step_and_leaves_a_zero_span_u
     assert loop_speed(log) == {"first_step_s": 4.0, "loop_steps_per_s": 2.0}
     write_loss_log(log, [{**row, "step": i + 1, "seconds": 4.0} for i in range(2)])
     assert loop_speed(log) == {"first_step_s": 4.0, "loop_steps_per_s": None}
+
+
+def test_bench_times_the_images_stylised_by_styleid(tmp_path):
+    out = tmp_path / "styleid.json"
+    assert main(["--model", "tiny", "--device", "cpu", "--resolution", "32", "--images", "2", "--batch", "2",
+                 "--infer-steps", "2", "--inject", "styleid", "--inversion-steps", "2", "--sections", "generate",
+                 "--variants", "baseline,torch", "--cache", str(tmp_path), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    generate = results["torch"]["generate"]
+    assert generate["images"] == 2 and generate["generate_s"] > 0 and generate["inject"] == "styleid", generate
+    assert "skipped" in results["baseline"]["generate"]

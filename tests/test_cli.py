@@ -11,8 +11,8 @@ from conftest import CONF, jdiff_cli
 from jdiff.config import HELP, JdiffConfig
 from jdiff.help import GROUP_COLUMN, KEY_COLUMN, PRESET_HELP, WIDTH, config_groups
 
-GROUPS = ("model", "engine", "lora", "prior", "augment", "init", "train", "infer", "score", "data", "experiment",
-          "search")
+GROUPS = ("model", "engine", "lora", "prior", "augment", "init", "inject", "train", "infer", "score", "data",
+          "experiment", "search")
 KEYS = [f.name for f in fields(JdiffConfig)]
 
 

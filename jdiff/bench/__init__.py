@@ -11,6 +11,8 @@ Sections (each variant x section runs in a fresh process, so memory and compile 
   peak GPU memory (the process's, read from nvidia-smi while it runs; torch's allocator peak as well).
 - ``generate``: seconds for one style's images (default 25: batches of 5, 40 steps, img2img at strength 0.9,
   guidance 7.5), after one warm-up batch.
+  ``--inject styleid``: the same images stylised by StyleID (jdiff/inject.py; its DDIM inversions and injected
+  sampling on top of each batch; the style's own inversion falls in the warm-up).
 - ``check``: correctness of each speed path: five training steps' losses and one batch of images from the
   same inputs, against the fp32 torch engine, within limits set by the variant's precision (CHECK_LIMITS).
 - ``e2e``: one style end to end through ``python -m jdiff.main`` (800 steps + the images + the Hist score),
@@ -171,11 +173,19 @@ def measure(variant: str, section: str, args) -> dict:
         result.update(steps=args.steps, steps_per_s=args.steps / seconds)
     else:
         requests = list(generate_requests(args.resolution, latent, args.images, args.batch, args.infer_steps))
+        make = engine.generate
+        if args.inject == "styleid":  # the images stylised by StyleID; the style's inversion is in the warm-up
+            if variant == "baseline":
+                return {"skipped": "inject=styleid runs on jdiff's engines only"}
+            from jdiff.inject import InjectSettings, StyleID
+
+            make = StyleID(engine, InjectSettings(inversion_steps=args.inversion_steps), requests[0].init_image).generate
+            result.update(inject="styleid", inversion_steps=args.inversion_steps)
         started = time.perf_counter()
-        engine.generate(requests[0])
+        make(requests[0])
         result["warmup_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        images = sum(len(engine.generate(r)) for r in requests)
+        images = sum(len(make(r)) for r in requests)
         result.update(images=images, generate_s=time.perf_counter() - started)
     result["torch_peak_gib"] = torch_peak_gib()
     return result
@@ -357,6 +367,9 @@ def parse(argv):
     parser.add_argument("--images", type=int, default=25)
     parser.add_argument("--batch", type=int, default=5)
     parser.add_argument("--infer-steps", type=int, default=40)
+    parser.add_argument("--inject", default="none", choices=["none", "styleid"],
+                        help="generate: the images as they are, or stylised by StyleID (inject=styleid's defaults)")
+    parser.add_argument("--inversion-steps", type=int, default=20, help="--inject styleid: inject.inversion_steps")
     parser.add_argument("--e2e-steps", type=int, default=800)
     parser.add_argument("--cache", default="data/cache/bench", help="where the model and e2e runs go")
     parser.add_argument("--out", default=None, help="JSON file for the results")

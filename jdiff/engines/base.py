@@ -351,6 +351,60 @@ class Engine(abc.ABC):
     def decode(self, latents) -> np.ndarray:
         """Images (B, H, W, 3) as float32 numpy, nominally in [0, 1], from float32 latents."""
 
+    # -- self-attention hooks (StyleID style injection, jdiff/inject.py) ---------------------------------------
+
+    def attention_layers(self) -> list[str]:
+        """The UNet's attention modules (Transformer2DModel) that have self-attention, by their diffusers names
+        (``up_blocks.2.attentions.1``), in the order of the network."""
+        return list(dict.fromkeys(owner for owner, _, _ in self._self_attentions()))
+
+    def _self_attentions(self) -> list[tuple[str, str, object]]:
+        """(attention module, full name, module) of every transformer block's self-attention (``attn1``)."""
+        found = []
+        for name, module in self.unet.named_modules():
+            parts = name.split(".")
+            if len(parts) >= 4 and parts[-1] == "attn1" and parts[-3] == "transformer_blocks":
+                found.append((".".join(parts[:-3]), name, module))
+        return found
+
+    @contextlib.contextmanager
+    def self_attention_hook(self, layers: list[str], hook: Callable):
+        """While inside, the self-attention of every transformer block of the attention modules ``layers`` calls
+        ``hook(name, q, k, v)`` with its query, key and value after the projections (engine tensors, batch x
+        heads x tokens x head_dim; ``name`` the attn1 module's full name) and attends with the (q, k, v) it
+        returns: softmax(q k^T / sqrt(head_dim)) v, as it would have. Meanwhile sampling UNet calls run eagerly,
+        not from a recorded graph (engine.compile=cuda-graphs, replay), whose Python code would not run."""
+        chosen = [(name, module) for owner, name, module in self._self_attentions() if owner in set(layers)]
+        if not chosen:
+            raise EngineError(f"no self-attention in the UNet's layers {list(layers)}; it has "
+                              f"{', '.join(self.attention_layers())}.")
+        for name, module in chosen:
+            self._hook_attention(module, name, hook)
+        self.hooked = True
+        try:
+            yield
+        finally:
+            self.hooked = False
+            for _, module in chosen:
+                self._unhook_attention(module)
+
+    hooked = False  # a self_attention_hook is active: sampling calls run eagerly
+
+    @property
+    def sampling_eagerly(self) -> bool:
+        """Whether sampling calls must run eagerly, not from a recording: an attention hook is active (style
+        injection), or a pack's prompts are routed to their adapters (the routing changes from batch to batch)."""
+        router = getattr(self, "router", None)
+        return self.hooked or (router is not None and router.ids is not None)
+
+    @abc.abstractmethod
+    def _hook_attention(self, module, name: str, hook: Callable) -> None:
+        """Make the self-attention ``module`` pass its (q, k, v) through ``hook(name, q, k, v)``."""
+
+    @abc.abstractmethod
+    def _unhook_attention(self, module) -> None:
+        """Give ``module`` back its own attention."""
+
     @abc.abstractmethod
     def sampling(self) -> contextlib.AbstractContextManager:
         """The context sampling runs in: no gradients, and the engine's advice when the GPU runs out of memory."""

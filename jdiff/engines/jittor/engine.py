@@ -364,11 +364,20 @@ class JittorEngine(JittorPacking, Engine):
     def sampling_prediction(self, latents: jt.Var, timestep, states: jt.Var) -> jt.Var:
         """With ``compile=replay``, from the recorded call for these shapes."""
         timesteps = jt.array([int(timestep)])
-        if not self.replay or getattr(self, "router", None) is not None and self.router.ids is not None:
-            # a pack's routed sampling runs eagerly: its adapters are not the recorded call's inputs
+        if not self.replay or self.sampling_eagerly:  # hooked or routed: code a replayed plan would skip
             return self.predict(latents, timesteps, states)
         return self._unet_call([*(w.weight for w in self._adapter_linears(("unet",))), latents.cast(self.dtype),
                                 timesteps, states])[0]
+
+    def _hook_attention(self, module, name: str, hook) -> None:
+        def hooked(q, k, v):
+            # in the model's precision again: Jittor widens a float16 Var times a Python float to float32
+            return tuple(x.cast(q.dtype) for x in hook(name, q, k, v))
+
+        module.hook = hooked
+
+    def _unhook_attention(self, module) -> None:
+        module.hook = None
 
     def _unet_graph(self, inputs: list) -> list:
         linears = self._adapter_linears(("unet",))

@@ -85,7 +85,10 @@ class TimestepEmbedding(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention over tokens (batch, tokens, channels): self-attention when no ``context`` is given,
-    cross-attention to the text states otherwise. ``to_out`` is a list so the output layer is ``to_out.0``."""
+    cross-attention to the text states otherwise. ``to_out`` is a list so the output layer is ``to_out.0``.
+    ``hook``: None, or a function of (q, k, v) giving the q, k, v to attend with (style injection)."""
+
+    hook = None
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: Optional[int] = None,
                  upcast: bool = False):
@@ -104,6 +107,8 @@ class Attention(nn.Module):
     def execute(self, x: jt.Var, context: Optional[jt.Var] = None) -> jt.Var:
         context = x if context is None else context
         q, k, v = (self.split_heads(f(y)) for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        if self.hook is not None:  # style injection (Engine.self_attention_hook): record, or swap k and v
+            q, k, v = self.hook(q, k, v)
         out = attention(q, k, v, upcast=self.upcast)
         batch, heads, tokens, dim_head = out.shape
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * dim_head))

@@ -89,6 +89,37 @@ class WeightCastingLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
+class HookedSelfAttention:
+    """A diffusers attention processor for a self-attention whose query, key and value pass through a hook
+    (:meth:`jdiff.engines.base.Engine.self_attention_hook`) before the attention, as AttnProcessor2_0 computes
+    it otherwise (scaled dot-product attention in the model's precision, then ``to_out``)."""
+
+    def __init__(self, name: str, hook, original):
+        self.name, self.hook, self.original = name, hook, original
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs) -> torch.Tensor:
+        if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3
+                or attn.spatial_norm is not None or attn.group_norm is not None
+                or getattr(attn, "norm_q", None) is not None):
+            raise EngineError(f"the self-attention {self.name} is not Stable Diffusion's plain one (a mask, norms "
+                              f"or a 4-D input); style injection cannot hook it: choose other inject.layers.")
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = self.hook(self.name, heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)),
+                            heads(attn.to_v(hidden_states)))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 class DiffusersSampler:
     """A diffusers scheduler behind the interface of jdiff's samplers (:mod:`jdiff.samplers`)."""
 
@@ -412,9 +443,16 @@ class TorchEngine(TorchPacking, Engine):
     def concat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(tensors)
 
-    def sampling_prediction(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        if self.capture is None or getattr(self, "router", None) is not None and self.router.ids is not None:
-            # a pack's routed sampling runs eagerly: a recorded call would keep the first batch's routing
+    def _hook_attention(self, module, name: str, hook) -> None:
+        module.set_processor(HookedSelfAttention(name, hook, module.processor))
+
+    def _unhook_attention(self, module) -> None:
+        module.set_processor(module.processor.original)
+
+    def sampling_prediction(self, latents: torch.Tensor, t, states: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(t):  # a timestep of jdiff's own samplers (style injection)
+            t = torch.tensor(int(t), device=self.device)
+        if self.capture is None or self.sampling_eagerly:  # hooked or routed: code a recorded graph would skip
             return self.predict(latents, t, states)
         if self._unet_calls is None:
             self._unet_calls = CapturedCalls(lambda x, step, s: (self.unet(x, step, encoder_hidden_states=s).sample,),
