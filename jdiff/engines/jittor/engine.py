@@ -312,6 +312,9 @@ class JittorEngine(Engine):
         if self.settings.max_grad_norm > 0:
             self.optimizer.clip_grad_norm(self.settings.max_grad_norm)
         self.optimizer.step()
+        # The update runs now, with the step, not lazily inside whatever reads the adapters next (the next step,
+        # or samples taken between steps: compiled into another kernel there, its float rounding would differ)
+        jt.sync([per_sample, *self.trainable, *[x for moments in self._moments() for x in moments]])
         return per_sample.numpy()
 
     def _replayed_step(self, batch: TrainBatch, lr: float) -> np.ndarray:
