@@ -113,6 +113,12 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0 disables clipping
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); 0: off
+    noise_offset: float = 0.0  # offset * N(0,1) per sample and channel added to the noise (e.g. 0.05); 0: off
+    checkpoint_every: int = 0  # write checkpoint/ every N steps; a resumed run continues from it; 0: off
+    sample_every: int = 0  # generate sample_prompts every N steps into samples/step_<k>/; 0: off
+    # The prompts of sample_every, verbatim; null: the style's first 2 prompt objects in data.infer_template.
+    sample_prompts: Optional[List[str]] = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from jdiff import rundir
+from jdiff import rundir, tensorboard
 from jdiff.augment import to_model_range
 from jdiff.data import average_style_image, image_file_name
 from jdiff.engines.base import EngineError, GenerateRequest, TrainBatch
@@ -45,8 +45,8 @@ MAX_SAMPLING_BATCH = 64  # the most prompts a pack samples at once (twice as man
 def pack_key(cfg: DictConfig) -> Optional[str]:
     """The settings a run shares with the runs it can be packed with, or None: it runs alone (it does not train,
     or it starts from a LoRA file)."""
-    if "train" not in cfg.stages or cfg.lora.path is not None:
-        return None
+    if "train" not in cfg.stages or cfg.lora.path is not None or cfg.train.checkpoint_every or cfg.train.sample_every:
+        return None  # nothing to train, or what happens between steps is its own (checkpoints, samples)
     values = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
               if OmegaConf.is_config(OmegaConf.select(cfg, key)) else OmegaConf.select(cfg, key) for key in PACK_KEYS}
     values["text_encoder_trains"] = cfg.lora.text_encoder_rank > 0
@@ -92,7 +92,7 @@ def train_pack(engine, runs: list, failed: dict[int, BaseException]) -> None:
     engine.setup_packed_training([optimizer_settings(cfg) for cfg in cfgs])
     members = list(range(len(runs)))  # the runs still in the pack, in the engine's order
     rows: dict[int, list[dict]] = {i: [] for i in members}
-    started = time.perf_counter()
+    started, wall_start = time.perf_counter(), time.time()
     bar = tqdm(total=steps, desc=f"train x{len(runs)}", unit="step")
 
     def lr(i: int, step: int) -> float:
@@ -144,6 +144,9 @@ def train_pack(engine, runs: list, failed: dict[int, BaseException]) -> None:
     seconds = time.perf_counter() - started
     log.info("trained %d runs x %d steps in %.1f s (%.2f run-steps/s)", len(runs), steps, seconds,
              len(runs) * steps / max(seconds, 1e-9))
+    for i, run in enumerate(runs):
+        if rows[i] and tensorboard.available():
+            tensorboard.write_log(run.dir / rundir.TENSORBOARD, rows[i], wall_start)
     for position, i in enumerate(members):
         adapter = runs[i].dir / LORA_FILE
         save_adapters(adapter, engine.packed_adapters(position),

@@ -5,6 +5,8 @@ The run directory ends up holding everything needed to understand and reproduce 
     config.yaml         the resolved config
     lora.safetensors    the adapter (diffusers' load_lora_weights reads it)
     loss.csv            the per-step training loss
+    samples/step_<k>/   train.sample_every's images; tensorboard/ the loss as TensorBoard events (if installed)
+    checkpoint/         train.checkpoint_every's training state, until the run completes
     images/<Object>.png one image per prompt
     scores.json         the metrics and the final score
     contact_sheet.png   references and generated images, labelled
@@ -26,7 +28,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from jdiff import rundir
+from jdiff import checkpoint, rundir
 from jdiff.contact_sheet import contact_sheet
 from jdiff.data import StyleDataError, image_file_name, load_rgb, load_style
 from jdiff.demo_data import check_demo_root, write_demo_styles
@@ -248,6 +250,7 @@ def finish(run: Run, started: float, **extra) -> Optional[float]:
     scores = run.timed("score", run.score) if "score" in stages else None
     if scores is not None:  # drawn again, now with the final score (the one above stays if scoring fails)
         run.write_contact_sheet(scores)
+    checkpoint.remove(run.dir)  # the run is done: nothing to resume (a crash before COMPLETE retrains, as before)
     seconds = round(time.perf_counter() - started, 2)
     final = scores["final"]["value"] if scores else None
     write_json(run.dir / COMPLETE, {"final_score": final, "seconds": seconds, "stages": stages,
@@ -263,7 +266,8 @@ def summary(run_dir: Path, scores: Optional[dict], seconds: float) -> None:
         note = f"  (partial: missing {', '.join(final['missing'])})" if final["missing"] else ""
         lines.append(f"  final score  {final['value'] + 0.0:.4f}{note}")  # + 0.0: no '-0.0000'
         lines += [f"  {k:<12} {v:.4f}" for k, v in scores["metrics"].items()]
-    for name in ("images", LORA_FILE, "scores.json", "contact_sheet.png", "loss.csv"):
+    for name in ("images", LORA_FILE, "scores.json", "contact_sheet.png", "loss.csv", rundir.SAMPLES,
+                 rundir.TENSORBOARD):
         if (run_dir / name).exists():
             lines.append(f"  {name:<12} {run_dir / name}")
     log.info("\n".join(lines))

@@ -67,14 +67,15 @@ from urllib.parse import quote
 
 from jdiff import plots, rundir
 from jdiff.files import write_text
-from jdiff.rundir import (COMPLETE, CONFIG, FAILED, HYDRA, IMAGES, LOG, LORA, LOSS, SCORES, SHEET, finite_number,
-                          read_config, read_json, read_overrides)
+from jdiff.rundir import (COMPLETE, CONFIG, FAILED, HYDRA, IMAGES, LOG, LORA, LOSS, SAMPLE_STEP, SAMPLES, SCORES,
+                          SHEET, finite_number, read_config, read_json, read_overrides)
 from jdiff.scoring.final import METRICS
 
 STATUS_ORDER = {"complete": 0, "failed": 1, "broken": 2, "unfinished": 3}
 REPORT_FILES = ("scores.csv", "scores.md", "report.html")
 THUMB_SIZE = 64  # pixels, the longer side; shown at this size, four to a row
 THUMBS_PER_RUN = 8
+SAMPLE_STEPS_PER_RUN = 8  # train.sample_every's steps shown per run, spread over the training
 # What a run's "files" links point to, when the file is there: (label, name in the run folder).
 LINKS = (("sheet", SHEET), ("adapter", LORA), ("log", LOG))
 LOSS_POINTS = 300  # the most points of one loss curve that go into the report
@@ -104,6 +105,7 @@ class RunRecord:
     thumbs: list[tuple[str, str]] = field(default_factory=list)  # (image name, data URI) of its first images
     links: dict[str, str] = field(default_factory=dict)  # label -> URL relative to the sweep folder (see run_links)
     loss: list[tuple[float, float]] = field(default_factory=list)  # (step, loss) from loss.csv
+    samples: list[tuple[str, str]] = field(default_factory=list)  # ("step k: name", data URI): train.sample_every's
 
     @property
     def problem(self) -> str:
@@ -194,6 +196,8 @@ def read_run(run_dir: Path) -> RunRecord:
         if root and record.style:
             record.references = Path(str(root)) / record.style / "images"
     record.thumbs, problems = _thumbs(run_dir / IMAGES, THUMBS_PER_RUN)
+    record.problems += problems
+    record.samples, problems = sample_strip(run_dir / SAMPLES, SAMPLE_STEPS_PER_RUN)
     record.problems += problems
     record.links = run_links(run_dir)
     record.loss, problem = read_loss(run_dir / LOSS)
@@ -471,6 +475,23 @@ def _thumbs(folder: Optional[Path], limit: int) -> tuple[list[tuple[str, str]], 
     return thumbs, problems
 
 
+def sample_strip(folder: Path, limit: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """The first image of each of up to ``limit`` sample steps (``samples/step_<k>/``, spread over the run, the
+    last one always among them) as ("step k: name", data URI), and what cannot be read."""
+    try:
+        steps = sorted((int(p.name[5:]), p) for p in folder.iterdir() if p.is_dir() and SAMPLE_STEP.match(p.name))
+    except OSError as err:
+        return [], ([] if isinstance(err, FileNotFoundError) else [f"{folder.name}/ cannot be read ({err.strerror or err})"])
+    if len(steps) > limit:
+        steps = [steps[round(i * (len(steps) - 1) / (limit - 1))] for i in range(limit)]
+    strip, problems = [], []
+    for step, path in steps:
+        thumbs, found = _thumbs(path, 1)
+        problems += found
+        strip += [(f"step {step}: {name}", uri) for name, uri in thumbs]
+    return strip, problems
+
+
 def _thumbs_html(thumbs: list[tuple[str, str]]) -> str:
     esc = html.escape
     return "".join(f'<img src="{uri}" title="{esc(name)}" alt="{esc(name)}">' for name, uri in thumbs)
@@ -599,6 +620,7 @@ td.thumbs {{ width: {4 * (THUMB_SIZE + 4) + 12}px; }}
                background: #fafafa; }}
 td.thumbs.refs {{ width: auto; }}
 .thumbs.refs .grid {{ grid-template-columns: repeat(10, {THUMB_SIZE + 2}px); }}
+.thumbs .grid.samples {{ margin-top: 4px; padding-top: 4px; border-top: 1px dashed #bbb; }}
 td.links a {{ display: block; white-space: nowrap; }}
 .error, .problem {{ color: #b71c1c; min-width: 12em; max-width: 22em; white-space: pre-wrap; }}
 td.problem:empty {{ min-width: 0; }}
@@ -649,6 +671,8 @@ def report_html(runs: list[RunRecord], sweep_dir: Path) -> str:
         cells.append(f"<td class='problem'>{esc(r.problem)}</td>")
         cells.append(f"<td class='links'>{_links_html(r)}</td>")
         body = f"<div class='grid'>{_thumbs_html(r.thumbs)}</div>" if r.thumbs else ""
+        if r.samples:  # the adapter during training: train.sample_every's images, first prompt, step by step
+            body += f"<div class='grid samples' title='samples during training'>{_thumbs_html(r.samples)}</div>"
         if r.error:
             body += f"<div class='error'>{esc(r.error)}</div>"
         cells.append(f"<td class='thumbs'>{body}</td>")

@@ -39,17 +39,28 @@ COMPLETE = "COMPLETE"
 FAILED = "FAILED"
 JOB = "job.json"
 CLASS_SET = "class_set.json"  # the run's class images: share, styles, objects, cache folder
+CHECKPOINT = "checkpoint"  # train.checkpoint_every: jdiff.checkpoint's folder, kept when the run resumes
+SAMPLES = "samples"  # train.sample_every: samples/step_<k>/<name>.png, kept when the run resumes
+TENSORBOARD = "tensorboard"  # jdiff.tensorboard's event file, when TensorBoard is installed
 HYDRA = ".hydra"
 LOCK = ".lock"
 # The adapter of the run in another format, by jdiff.export's format name
 EXPORTS = {fmt: f"lora.{fmt}.safetensors" for fmt in ("webui", "comfyui", "diffusers")}
 # What a run writes (and what overwrite=true removes), and everything else that may be in a run directory.
-OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB, CLASS_SET, *EXPORTS.values())
+OUTPUTS = (CONFIG, LORA, LOSS, IMAGES, SCORES, SHEET, COMPLETE, FAILED, JOB, CLASS_SET, CHECKPOINT, SAMPLES,
+           TENSORBOARD, *EXPORTS.values())
 RECORD = (LOG, HYDRA, LOCK)
+# What a resumed run keeps of the attempt before (overwrite=true removes them too): the training it continues
+KEPT_ON_RESUME = (CHECKPOINT, SAMPLES)
+# The files a checkpoint folder holds (jdiff.checkpoint), and the event file's name start (jdiff.tensorboard)
+CHECKPOINT_FILES = ("state.json", "adapter.safetensors", "optimizer.safetensors")
+EVENTS_PREFIX = "events.out.tfevents."
 # Keys that say where and how a run is placed, not what it computes: a run may resume with other values.
 PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep", "overwrite")
-# Keys that say how the work is packed, not what it computes (the class images' batches: docs/sweeps.md).
-PACKING_KEYS = ("prior.batch_size",)
+# Keys that change how the work is packed (the class images' batches: docs/sweeps.md) or what a run shows on
+# the way, not its results: a run may resume with other values too.
+NEUTRAL_KEYS = ("prior.batch_size", "train.checkpoint_every", "train.sample_every", "train.sample_prompts")
+SAMPLE_STEP = re.compile(r"^step_\d+$")
 # jdiff.files.atomic_write's temporary files: ".<name>.<random>.tmp<suffix>".
 TEMPORARY = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
 
@@ -129,6 +140,13 @@ def inspect(run_dir: Path) -> RunState:
     if (run_dir / IMAGES).is_dir():  # a run writes only PNGs there
         foreign += [f"{IMAGES}/{p.name}" for p in sorted((run_dir / IMAGES).iterdir())
                     if not (p.is_file() and p.suffix == ".png") and not is_temporary(p.name)]
+    foreign += _foreign_inside(run_dir / CHECKPOINT, lambda p: p.is_file() and p.name in CHECKPOINT_FILES)
+    foreign += _foreign_inside(run_dir / TENSORBOARD, lambda p: p.is_file() and p.name.startswith(EVENTS_PREFIX))
+    foreign += _foreign_inside(run_dir / SAMPLES, lambda p: p.is_dir() and bool(SAMPLE_STEP.match(p.name)))
+    if (run_dir / SAMPLES).is_dir():
+        for step in sorted((run_dir / SAMPLES).iterdir()):
+            if step.is_dir() and SAMPLE_STEP.match(step.name):
+                foreign += [f"{SAMPLES}/{n}" for n in _foreign_inside(step, lambda p: p.is_file() and p.suffix == ".png")]
     if any(n in OUTPUTS for n in names) and not is_jdiff_config(run_dir / CONFIG):
         # files named like a run's, without the config a run writes before any of them: not jdiff's
         foreign += [n for n in names if n in OUTPUTS and n not in foreign]
@@ -151,6 +169,14 @@ def inspect(run_dir: Path) -> RunState:
     if any(n in OUTPUTS for n in names):
         return RunState(run_dir, "unfinished", foreign=foreign)
     return RunState(run_dir, "new", foreign=foreign)
+
+
+def _foreign_inside(folder: Path, ours) -> list[str]:
+    """``folder/<name>`` for each entry of one of a run's folders that ``ours`` does not accept (temporary files
+    aside); nothing when ``folder`` is not a folder."""
+    if not folder.is_dir():
+        return []
+    return [f"{folder.name}/{p.name}" for p in sorted(folder.iterdir()) if not ours(p) and not is_temporary(p.name)]
 
 
 def is_jdiff_config(path: Path) -> bool:
@@ -221,7 +247,7 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     defaults = schema_defaults()
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in PLACEMENT_KEYS
-                  and k not in PACKING_KEYS and not (k not in a and k in defaults and b.get(k) == defaults[k]))
+                  and k not in NEUTRAL_KEYS and not (k not in a and k in defaults and b.get(k) == defaults[k]))
 
 
 def schema_defaults() -> dict:
@@ -235,18 +261,27 @@ def schema_defaults() -> dict:
 
 
 def remove_temporary(run_dir: Path) -> None:
-    """Delete atomic_write's leftovers (a process killed while writing) in the run folder and its images."""
-    for folder in (Path(run_dir), Path(run_dir) / IMAGES):
+    """Delete atomic_write's leftovers (a process killed while writing) in the run folder and its folders, and
+    a checkpoint folder that was being written (``.checkpoint.<random>.tmp``)."""
+    run_dir = Path(run_dir)
+    folders = [run_dir, run_dir / IMAGES, run_dir / CHECKPOINT, run_dir / TENSORBOARD]
+    if (run_dir / SAMPLES).is_dir():
+        folders += [p for p in (run_dir / SAMPLES).iterdir() if p.is_dir() and SAMPLE_STEP.match(p.name)]
+    for folder in folders:
         if folder.is_dir():
             for p in folder.iterdir():
                 if p.is_file() and is_temporary(p.name):
                     p.unlink(missing_ok=True)
+                elif folder == run_dir and p.is_dir() and is_temporary(p.name) and p.name.startswith(f".{CHECKPOINT}."):
+                    shutil.rmtree(p, ignore_errors=True)
 
 
-def clear_outputs(run_dir: Path) -> None:
-    """Remove what an earlier attempt at this run wrote here (its log and Hydra's record stay)."""
+def clear_outputs(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what an earlier attempt at this run wrote here (its log and Hydra's record stay, and ``keep``)."""
     run_dir = Path(run_dir)
     for name in OUTPUTS:
+        if name in keep:
+            continue
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -329,7 +364,7 @@ def prepare(run_dir: Path, config: Optional[dict], overwrite: bool) -> RunState:
     """:func:`check`, then clear what an earlier attempt left (with ``overwrite``, its log too)."""
     state = check(run_dir, config, overwrite)
     if state.status != "new":
-        clear_outputs(run_dir)
+        clear_outputs(run_dir, keep=() if overwrite else KEPT_ON_RESUME)
         log = Path(run_dir) / LOG
         if overwrite and log.is_file():
             # truncated, not deleted: this run's own log handler may have it open for appending already

@@ -228,6 +228,15 @@ def validate_config(cfg: DictConfig) -> None:
     _check(train.adam_epsilon > 0, "train.adam_epsilon", train.adam_epsilon, "must be > 0")
     _check(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
     _check(train.max_grad_norm >= 0, "train.max_grad_norm", train.max_grad_norm, "must be >= 0 (0: no clipping)")
+    _check(0 <= train.snr_gamma < float("inf"), "train.snr_gamma", train.snr_gamma, "must be >= 0 (0: off; 5 is usual)")
+    _check(0 <= train.noise_offset < float("inf"), "train.noise_offset", train.noise_offset,
+           "must be >= 0 (0: off; 0.05 to 0.1 is usual)")
+    for key in ("checkpoint_every", "sample_every"):
+        _check(train[key] >= 0, f"train.{key}", train[key], "a number of steps >= 0 (0: off)")
+    if train.sample_prompts is not None:
+        prompts = list(train.sample_prompts)
+        _check(len(prompts) > 0 and all(str(p).strip() for p in prompts), "train.sample_prompts", prompts,
+               "list at least one non-empty prompt, or null for the style's first 2 prompt objects")
 
     infer = cfg.infer
     _check(infer.steps >= 1, "infer.steps", infer.steps, "must be >= 1")

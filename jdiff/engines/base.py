@@ -265,6 +265,40 @@ class Engine(abc.ABC):
     def save_lora(self, path: Path) -> None:
         """Write the attached adapters in the format diffusers' load_lora_weights reads."""
 
+    @abc.abstractmethod
+    def _adapted_layers(self, prefix: str) -> dict:
+        """The adapted layers of ``prefix`` by their name in a LoRA file (as :meth:`_attach` returns them)."""
+
+    def restore_lora(self, path: Path) -> None:
+        """Copy the weights of a LoRA file this engine saved (:meth:`save_lora`) into the adapters attached now:
+        the same prefixes, layers and ranks (a training checkpoint's adapter)."""
+        stored = load_adapters(adapter_file(path))
+        if sorted(stored) != sorted(self.lora_settings):
+            raise EngineError(f"{path}: its adapters are on {sorted(stored)}, not on {sorted(self.lora_settings)}")
+        for prefix, adapter in stored.items():
+            layers = self._adapted_layers(prefix)
+            problem = lora_misfits(Path(path), prefix, adapter, layers, getattr(self, "model_dir", "the model"))
+            if problem or sorted(adapter.layers) != sorted(layers):
+                raise EngineError(problem or f"{path}: its {prefix} adapters are on other layers than this run's")
+            for name, (down, up) in adapter.layers.items():
+                self._set_adapter(layers[name], down, up)
+
+    def trainable_names(self) -> list[str]:
+        """The adapter parameters the optimizer trains, by their key in a LoRA file
+        (``unet.<layer>.lora_A.weight``), in the order of the optimizer's parameters."""
+        return [f"{prefix}.{name}.lora_{part}.weight" for prefix in ("unet", "text_encoder") if prefix in
+                self.lora_settings for name in self._adapted_layers(prefix) for part in ("A", "B")]
+
+    @abc.abstractmethod
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's state after the steps taken, engine-neutral: ``step`` (steps taken, int64), and for each
+        of :meth:`trainable_names` AdamW's moments ``<name>.exp_avg`` and ``<name>.exp_avg_sq`` (float32); an
+        engine may add its own (``loss_scale``: scale and good steps of fp16 loss scaling)."""
+
+    @abc.abstractmethod
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from an :meth:`optimizer_state` (after :meth:`setup_training`)."""
+
     # -- the text states of training batches ------------------------------------------------------------
 
     def token_array(self, prompts: list[str]) -> np.ndarray:

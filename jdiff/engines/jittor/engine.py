@@ -195,6 +195,9 @@ class JittorEngine(JittorPacking, Engine):
                     for prefix, (rank, alpha) in self.lora_settings.items()}
         save_adapters(path, adapters, extra_metadata)
 
+    def _adapted_layers(self, prefix: str) -> dict[str, LoraLinear]:
+        return lora_layers(self._models()[prefix])
+
     # -- training -----------------------------------------------------------------------------------------
 
     def setup_training(self, settings: OptimizerSettings) -> None:
@@ -219,6 +222,42 @@ class JittorEngine(JittorPacking, Engine):
         else:
             self.optimizer = jt.optim.AdamW(groups, lr=settings.lr, eps=settings.eps, betas=settings.betas,
                                             weight_decay=settings.weight_decay)
+
+    def _moments(self) -> tuple[list, list]:
+        """AdamW's first and second moments, in the order of ``self.trainable``."""
+        if self.replay:
+            k = len(self.trainable)
+            return self.moments[:k], self.moments[k:]
+        groups = self.optimizer.param_groups  # Jittor's AdamW: "m" is exp_avg, "values" exp_avg_sq
+        return [m for g in groups for m in g["m"]], [v for g in groups for v in g["values"]]
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        exp_avg, exp_avg_sq = self._moments()
+        steps = self.steps_taken if self.replay else self.optimizer.n_step
+        state = {"step": np.asarray(steps, np.int64)}
+        for key, m, v in zip(self.trainable_names(), exp_avg, exp_avg_sq, strict=True):
+            state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"] = m.numpy().copy(), v.numpy().copy()
+        if self.loss_scale:
+            state["loss_scale"] = np.asarray([self.loss_scale.scale, self.loss_scale.good_steps], np.float64)
+        return state
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        names = self.trainable_names()
+        exp_avg = [jt.array(np.array(state[f"{key}.exp_avg"], np.float32)).stop_grad() for key in names]
+        exp_avg_sq = [jt.array(np.array(state[f"{key}.exp_avg_sq"], np.float32)).stop_grad() for key in names]
+        if self.replay:
+            self.trainable = lora_parameters(self._models()["unet"]) + (
+                lora_parameters(self.text_encoder) if "text_encoder" in self.lora_settings else [])
+            self.moments = exp_avg + exp_avg_sq
+            self.steps_taken = int(state["step"])
+        else:
+            for m, v, a, b in zip(*self._moments(), exp_avg, exp_avg_sq):
+                m.assign(a)
+                v.assign(b)
+            self.optimizer.n_step = int(state["step"])
+        if self.loss_scale and "loss_scale" in state:
+            self.loss_scale.scale, good = (float(x) for x in state["loss_scale"])
+            self.loss_scale.good_steps = int(good)
 
     def token_ids(self, prompts: list[str]) -> jt.Var:
         return jt.array(self.token_array(prompts).astype(np.int32))
@@ -274,6 +313,9 @@ class JittorEngine(JittorPacking, Engine):
         if self.settings.max_grad_norm > 0:
             self.optimizer.clip_grad_norm(self.settings.max_grad_norm)
         self.optimizer.step()
+        # The update runs now, with the step, not lazily inside whatever reads the adapters next (the next step,
+        # or samples taken between steps: compiled into another kernel there, its float rounding would differ)
+        jt.sync([per_sample, *self.trainable, *[x for moments in self._moments() for x in moments]])
         return per_sample.numpy()
 
     def _replayed_step(self, batch: TrainBatch, lr: float) -> np.ndarray:

@@ -297,6 +297,19 @@ class TorchEngine(TorchPacking, Engine):
             })
         save_adapters(path, out, extra_metadata)
 
+    def _adapted_layers(self, prefix: str) -> dict[str, LoraLayer]:
+        return self._lora_layers(prefix)
+
+    def _trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
+        """The adapter parameters by :meth:`trainable_names`."""
+        out = {}
+        for prefix in ("unet", "text_encoder"):
+            if prefix in self.lora_settings:
+                for name, layer in self._lora_layers(prefix).items():
+                    out[f"{prefix}.{name}.lora_A.weight"] = layer.lora_A["default"].weight
+                    out[f"{prefix}.{name}.lora_B.weight"] = layer.lora_B["default"].weight
+        return out
+
     # -- training -----------------------------------------------------------------------------------------
 
     def setup_training(self, settings: OptimizerSettings) -> None:
@@ -317,6 +330,33 @@ class TorchEngine(TorchPacking, Engine):
             for group in self.optimizer.param_groups:
                 group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=self.device)
         self._drop_train_call()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        state = {"step": np.zeros((), np.int64)}
+        for key, p in self._trainable_by_name().items():
+            kept = self.optimizer.state.get(p) or {}
+            for moment in ("exp_avg", "exp_avg_sq"):
+                value = kept.get(moment)
+                state[f"{key}.{moment}"] = (np.zeros(tuple(p.shape), np.float32) if value is None
+                                            else value.detach().float().cpu().numpy())
+            if "step" in kept:
+                state["step"] = np.asarray(int(kept["step"]), np.int64)
+        return state
+
+    @torch.no_grad()
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        steps = int(state["step"])
+        self._drop_train_call()
+        names = {id(p): key for key, p in self._trainable_by_name().items()}
+        for group in self.optimizer.param_groups:
+            on_device = group["capturable"] or group["fused"]  # where torch's AdamW keeps its step count
+            for p in group["params"]:
+                key = names[id(p)]
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(steps), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.from_numpy(np.array(state[f"{key}.exp_avg"])).to(p.device, p.dtype),
+                    "exp_avg_sq": torch.from_numpy(np.array(state[f"{key}.exp_avg_sq"])).to(p.device, p.dtype),
+                }
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self._tensor(self.token_array(prompts), torch.int64)
