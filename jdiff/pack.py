@@ -12,7 +12,9 @@ not a number) gets FAILED in its folder and leaves the pack; the others go on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -40,6 +43,31 @@ log = logging.getLogger(__name__)
 PACK_KEYS = ("model", "engine", "deterministic", "paths", "data.resolution", "train.steps", "train.batch_size",
              "prior.enabled", "lora.unet_targets", "lora.text_encoder_targets")
 MAX_SAMPLING_BATCH = 64  # the most prompts a pack samples at once (twice as many rows with guidance)
+
+
+COSTS = "pack_costs.json"  # in paths.cache: the GPU memory a packed run took, by pack_key (sweep.pack=auto)
+
+
+def cost_key(cfg: DictConfig) -> str:
+    return hashlib.sha1(str(pack_key(cfg)).encode()).hexdigest()[:16]
+
+
+def measured_cost(cfg: DictConfig) -> Optional[float]:
+    """GiB of GPU memory a run of ``cfg``'s kind took in a pack before (its pack's peak over its size), or None."""
+    data, _ = rundir.read_json(Path(cfg.paths.cache) / COSTS)
+    entry = (data or {}).get(cost_key(cfg))
+    return float(entry["gib_per_run"]) if isinstance(entry, dict) and "gib_per_run" in entry else None
+
+
+def record_cost(cfg: DictConfig, runs: int, peak_gib: float) -> None:
+    path = Path(cfg.paths.cache) / COSTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        data, _ = rundir.read_json(path)
+        data = data or {}
+        data[cost_key(cfg)] = {"gib_per_run": round(peak_gib / runs, 3), "runs": runs, "peak_gib": round(peak_gib, 2),
+                               "engine": cfg.engine.name, "resolution": cfg.data.resolution}
+        write_json(path, data)
 
 
 def pack_key(cfg: DictConfig) -> Optional[str]:
@@ -223,6 +251,15 @@ def sample(engine, runs: list, chunk: list, failed: dict[int, BaseException]) ->
         save_png(runs[i].dir / rundir.IMAGES / image_file_name(obj), image)
 
 
+def gpu_memory_watch():
+    """This process's GPU memory as nvidia-smi sees it (any engine's allocator), when it runs on a GPU."""
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return None
+    from jdiff.bench.memory import GpuMemoryWatch
+
+    return GpuMemoryWatch(os.getpid())
+
+
 def run_pack(cfgs: list[DictConfig], run_dirs: list[Path]) -> dict[int, BaseException]:
     """Run the stages of ``cfgs`` as one pack, into ``run_dirs`` (checked and prepared by the caller); returns the
     runs that failed, by index, with their errors. The others end with COMPLETE, as alone."""
@@ -264,7 +301,11 @@ def run_pack(cfgs: list[DictConfig], run_dirs: list[Path]) -> dict[int, BaseExce
     if members:
         stage_started = time.perf_counter()
         local: dict[int, BaseException] = {}
+        watch = gpu_memory_watch()
         trained = train_pack(engine, [runs[i] for i in members], local)
+        peak = watch.stop() if watch else None
+        if peak:  # what sweep.pack=auto sizes the next packs of this kind by
+            record_cost(cfgs[members[0]], len(members), peak)
         failed.update({members[j]: err for j, err in local.items()})
         members = [members[j] for j in trained]
         for i in alive:

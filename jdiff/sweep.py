@@ -270,12 +270,29 @@ AUTO_PACK = 16  # sweep.pack=auto: at most this many runs a pack (fewer when the
 OUT_OF_MEMORY = 75  # a pack's exit code when the GPU ran out of memory: the pack is split in two and run again
 
 
-def pack_size(pack, runs: int, gpus: int) -> int:
-    """The most runs a pack holds: sweep.pack as a number, or for ``auto`` the runs spread evenly over the GPUs,
-    at most AUTO_PACK (a pack that does not fit in the GPU's memory is halved when it runs)."""
-    if str(pack) == "auto":
-        return max(1, min(AUTO_PACK, -(-runs // max(1, gpus))))
-    return int(pack)
+def pack_size(pack, runs: int, gpus: int, gib_per_run: Optional[float] = None,
+              free_gib: Optional[float] = None) -> int:
+    """The most runs a pack holds: sweep.pack as a number, or for ``auto`` the runs spread evenly over the GPUs, at
+    most AUTO_PACK, and no more than 90% of the GPUs' free memory holds at the cost a packed run of this kind was
+    measured at (``gib_per_run``). A pack that does not fit after all is halved when it runs."""
+    if str(pack) != "auto":
+        return int(pack)
+    size = min(AUTO_PACK, -(-runs // max(1, gpus)))
+    if gib_per_run and free_gib:
+        size = min(size, int(0.9 * free_gib // gib_per_run))
+    return max(1, size)
+
+
+def free_memory_gib(gpus: list[str]) -> Optional[float]:
+    """The least free memory among ``gpus``, from nvidia-smi (None without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    free = {i.strip(): float(m) / 1024 for i, m in (line.split(",") for line in out.splitlines() if "," in line)}
+    known = [free[g] for g in gpus if g in free]
+    return min(known) if known else None
 
 
 def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int) -> list[int]:
@@ -284,7 +301,7 @@ def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int)
     Returns the order to start the jobs in: each pack's first run first, so the packs start at once."""
     from hydra.core.hydra_config import HydraConfig
 
-    from jdiff.pack import plan_packs
+    from jdiff.pack import measured_cost, plan_packs
     from jdiff.prior_plan import sweep_styles
 
     order = list(range(len(job_overrides)))
@@ -306,8 +323,9 @@ def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int)
             cfgs.append(sweep_styles(resolve_paths(job), sweep_dir))
     finally:
         HydraConfig.instance().cfg = kept
-    gpus = len(sweep_gpus(config.gpus))
-    packs = plan_packs(cfgs, pack_size(pack, len(cfgs), gpus))
+    gpus = sweep_gpus(config.gpus)
+    cost = measured_cost(cfgs[0]) if str(pack) == "auto" else None
+    packs = plan_packs(cfgs, pack_size(pack, len(cfgs), len(gpus), cost, free_memory_gib(gpus) if cost else None))
     token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{initial_job_idx}"
     folder = Path(str(config.hydra.sweep.dir)) / PACKS
     plan = {"launch": token, "packs": [{"id": f"{token}-{j}", "runs": [

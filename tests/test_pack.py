@@ -146,3 +146,28 @@ def test_bad_pack_sizes_are_refused_in_one_line(jdiff_root, tiny_model_dir):
     for value in ("0", "two", "-3"):
         done = jdiff_cli(["-m", "experiment=demo", f"sweep.pack={value}", "sweep.name=bad_pack"], jdiff_root)
         assert_one_line_error(done, "sweep.pack")
+
+
+def test_auto_spreads_a_sweep_over_its_gpus_in_packs_of_at_most_16(jdiff_root, tiny_model_dir):
+    """sweep.pack=auto, as #23's 4-GPU sweep of set A would plan it: the 15 styles in 4 packs, one a GPU."""
+    from jdiff.sweep import pack_size
+
+    cfgs = [compose_config(QUICK + ["engine=torch", f"style={i % 3:02d}", f"seed={i}"], jdiff_root) for i in range(15)]
+    assert pack_size("auto", 15, 4) == 4
+    assert [len(p) for p in plan_packs(cfgs, pack_size("auto", 15, 4))] == [4, 4, 4, 3]
+    assert [len(p) for p in plan_packs(cfgs, pack_size("auto", 15, 1))] == [15]
+    assert pack_size("auto", 40, 1) == 16 and pack_size(3, 40, 4) == 3
+
+
+def test_auto_packs_no_more_runs_than_the_free_memory_holds_at_the_measured_cost(jdiff_root, tiny_model_dir):
+    from jdiff.pack import measured_cost, record_cost
+    from jdiff.sweep import pack_size
+
+    cfg = compose_config(QUICK + ["engine=torch", "style=00", "data.resolution=64"], jdiff_root)
+    assert measured_cost(cfg) is None
+    record_cost(cfg, 8, 24.0)  # a pack of 8 peaked at 24 GiB: 3 GiB a run
+    assert measured_cost(cfg) == 3.0
+    other = compose_config(QUICK + ["engine=jittor", "style=00", "data.resolution=64"], jdiff_root)
+    assert measured_cost(other) is None  # another engine: another cost
+    assert pack_size("auto", 15, 1, 3.0, 20.0) == 6  # 90% of 20 GiB holds 6 runs of 3 GiB
+    assert pack_size("auto", 15, 1, 3.0, 200.0) == 15 and pack_size("auto", 15, 1, 3.0, 1.0) == 1
