@@ -75,9 +75,11 @@ class ClassSet:
         return [(o, k) for o in self.objects for k in range(self.per_object)]
 
     def record(self) -> dict:
-        """What ``class_set.json`` in the run folder holds."""
+        """What ``class_set.json`` in the run folder holds (the cache folder relative to paths.cache, so that the
+        same run anywhere writes the same file)."""
         return {"share": self.share, "styles": list(self.styles), "objects": list(self.objects),
-                "images_per_object": self.per_object, "cache": str(self.cache_dir), "settings": asdict(self.settings)}
+                "images_per_object": self.per_object, "cache": f"{self.cache_dir.parent.name}/{self.cache_dir.name}",
+                "settings": asdict(self.settings)}
 
 
 def class_cache_dir(cache_root: Path, model_dir: Path, settings: ClassImageSettings) -> Path:

@@ -23,7 +23,7 @@ import yaml
 from conftest import CONF, REPO
 
 # What the build reads: pyproject.toml's readme, setup.py's conf/ mapping, the package.
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "jdiff", "conf")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "jdiff", "conf", "hydra_plugins")
 
 
 def call(args, **kwargs) -> subprocess.CompletedProcess:

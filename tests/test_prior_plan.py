@@ -50,7 +50,7 @@ def test_a_sweep_makes_each_class_image_once_over_its_gpus_before_its_runs(jdiff
     wanted = set()
     for run_dir in runs(sweep_dir):
         used = read(run_dir / "class_set.json")
-        cache = Path(used["cache"])
+        cache = jdiff_root / "data" / "cache" / used["cache"]  # class_set.json names it under paths.cache
         wanted |= {(cache.name, o, k) for o in used["objects"] for k in range(2)}
         log = (run_dir / "run.log").read_text()
         assert f"all {2 * len(used['objects'])} class images found" in log and "generating" not in log

@@ -405,7 +405,7 @@ class FakeRun:
     SCORES = {"final": {"value": 0.42, "partial": False, "missing": []}, "metrics": {"hist": 0.42}}
 
     def __init__(self, cfg, run_dir):
-        self.seconds = {}
+        self.cfg, self.dir, self.seconds = cfg, run_dir, {}
 
     def timed(self, stage, fn):
         return fn()

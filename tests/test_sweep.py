@@ -180,7 +180,8 @@ def test_a_crash_frees_the_gpu_and_ctrl_c_stops_cleanly(jdiff_root, tiny_model_d
     wait_for(lambda: is_gone(survivor["pid"]), "the interrupted run's process to end", timeout=15)
     # Interrupted is neither finished nor failed: nothing that looks like a result was written.
     left = {p.name for p in runs[second].iterdir() if not p.name.startswith(".")}
-    assert left <= {"config.yaml", JOB_FILE, "run.log", "loss.csv"}  # the loss log so far, rewritten whole
+    # the loss log so far (rewritten whole) and the class set it trains with
+    assert left <= {"config.yaml", JOB_FILE, "run.log", "loss.csv", "class_set.json"}
     lock = FileLock(str(gpu_lock_file(jdiff_root / "data" / "cache" / "locks", "0")))
     lock.acquire(timeout=0)  # the GPU is free again
     lock.release()
