@@ -79,9 +79,10 @@ def test_packed_runs_match_the_same_runs_alone(jdiff_root, tiny_model_dir, tmp_p
                            rtol=1e-4, atol=1e-6)
 
 
-def test_a_run_that_diverges_fails_alone_and_the_pack_goes_on(jdiff_root, tiny_model_dir, tmp_path):
-    good = QUICK + STEPS + ["engine=torch", "style=00"]
-    bad = QUICK + ["train.steps=5", "engine=torch", "style=01", "train.lr=1e30", "train.max_grad_norm=0"]
+@pytest.mark.parametrize("engine", ["torch", "jittor"])
+def test_a_run_that_diverges_fails_alone_and_the_pack_goes_on(jdiff_root, tiny_model_dir, tmp_path, engine):
+    good = QUICK + STEPS + [f"engine={engine}", "style=00"]
+    bad = QUICK + ["train.steps=5", f"engine={engine}", "style=01", "train.lr=1e30", "train.max_grad_norm=0"]
     dirs = [tmp_path / "good", tmp_path / "bad"]
     failed = run_pack([compose_config(good, jdiff_root), compose_config(bad, jdiff_root)], dirs)
     assert set(failed) == {1}
