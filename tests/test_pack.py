@@ -106,7 +106,7 @@ def test_runs_pack_only_with_runs_that_share_the_model_and_step_shape(jdiff_root
 
 
 def sweep(root: Path, name: str, *overrides: str, wait: bool = True):
-    command = [sys.executable, "-m", "jdiff.main", "-m", "experiment=demo", "engine=torch", "infer.steps=2",
+    command = [sys.executable, "-m", "jdiff.main", "-m", "experiment=demo", "infer.steps=2",
                "prior.images_per_object=1", "train.steps=3", f"sweep.name={name}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if not wait:
@@ -117,20 +117,22 @@ def sweep(root: Path, name: str, *overrides: str, wait: bool = True):
     return done
 
 
-def test_a_packed_sweep_gives_each_run_its_folder_and_resumes_a_killed_pack(jdiff_root, tiny_model_dir):
-    grid = ["lora.unet_rank=2,4,8", "gpus=[0,1]"]
-    sweep(jdiff_root, "unpacked", *grid)
-    child = sweep(jdiff_root, "packed", *grid, "sweep.pack=2", wait=False)
-    folder = jdiff_root / "multirun" / "packed"
+@pytest.mark.parametrize("engine", ["torch", "jittor"])
+def test_a_packed_sweep_gives_each_run_its_folder_and_resumes_a_killed_pack(jdiff_root, tiny_model_dir, engine):
+    grid = [f"engine={engine}", "lora.unet_rank=2,4,8", "gpus=[0,1]"]
+    sweep(jdiff_root, f"unpacked_{engine}", *grid)
+    child = sweep(jdiff_root, f"packed_{engine}", *grid, "sweep.pack=2", wait=False)
+    folder = jdiff_root / "multirun" / f"packed_{engine}"
     deadline = time.monotonic() + 600
     while not any(folder.glob("*/loss.csv")) and not any(folder.glob("*/" + rundir.COMPLETE)):
         assert child.poll() is None and time.monotonic() < deadline, child.stdout.read().decode()[-3000:]
         time.sleep(0.2)
     os.killpg(child.pid, signal.SIGKILL)  # the whole sweep, its pack process included
     child.wait()
-    done = sweep(jdiff_root, "packed", *grid, "sweep.pack=2")
+    done = sweep(jdiff_root, f"packed_{engine}", *grid, "sweep.pack=2")
     assert "3 runs in 2 packs (2, 1)" in done.stdout + done.stderr
-    unpacked = {d.name: d for d in (jdiff_root / "multirun" / "unpacked").iterdir() if d.is_dir() and d.name[0] != "."}
+    unpacked = {d.name: d for d in (jdiff_root / "multirun" / f"unpacked_{engine}").iterdir()
+                if d.is_dir() and d.name[0] != "."}
     packed = {d.name: d for d in folder.iterdir() if d.is_dir() and d.name[0] != "."}
     assert unpacked.keys() == packed.keys() and len(packed) == 3  # sweep.pack does not name the runs
     for name, d in packed.items():
