@@ -241,7 +241,8 @@ def plan_sweep(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]])
         log.warning("class images: %d of %d share(s) did not finish (exit codes %s); the runs make what is missing "
                     "themselves", len(failed), len(work), ", ".join(str(s["exit_code"]) for s in failed))
     else:
-        log.info("class images: %d generated in %.1f s", record["generated"], record["seconds"])
+        log.info("class images: %d generated in %.1f s (%.2f images/s over %d GPU share(s))", record["generated"],
+                 record["seconds"], record["generated"] / max(record["seconds"], 1e-9), len(record["shares"]))
     return record
 
 
