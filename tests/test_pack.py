@@ -59,7 +59,8 @@ def image_levels(a: Path, b: Path) -> float:
 
 
 @pytest.mark.parametrize("engine, extra", [("torch", []), ("jittor", []),
-                                           ("torch", ["lora=unet_te", "lora.text_encoder_rank=2"])])
+                                           ("torch", ["lora=unet_te", "lora.text_encoder_rank=2"]),
+                                           ("jittor", ["lora=unet_te", "lora.text_encoder_rank=2"])])
 def test_packed_runs_match_the_same_runs_alone(jdiff_root, tiny_model_dir, tmp_path, engine, extra):
     overrides = [QUICK + STEPS + [f"engine={engine}", *extra, *v] for v in VARIANTS]
     alone = [tmp_path / f"alone{i}" for i in range(len(VARIANTS))]
