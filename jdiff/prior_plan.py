@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -58,8 +58,11 @@ def needs_prior(cfg: DictConfig) -> bool:
     return bool(cfg.prior.enabled) and ("prior" in cfg.stages or "train" in cfg.stages)
 
 
-def compose_jobs(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]]) -> list[tuple[DictConfig, Path]]:
-    """Each job's task config (validated, paths resolved) and run folder; jobs that fail either are left out."""
+def compose_jobs(base: DictConfig, loader,
+                 job_overrides: Sequence[Sequence[str]]) -> list[Optional[tuple[DictConfig, Path]]]:
+    """Each job's task config (validated, paths resolved) and run folder, in the order of ``job_overrides``; None
+    for a job that fails either (it reports that itself when it runs). The launcher composes them once, for the
+    class-image plan and the packs (:func:`jdiff.sweep.plan_launch`)."""
     from jdiff.pipeline import resolve_paths
     from jdiff.validate import validate_config
 
@@ -74,7 +77,8 @@ def compose_jobs(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]
             resolve_paths(cfg)
             validate_config(cfg)
         except Exception as err:  # the job reports it itself when it runs
-            log.info("class-image plan: leaving out job %s (%s)", " ".join(overrides), str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.info("sweep plan: leaving out job %s (%s)", " ".join(overrides), str(err).splitlines()[0] if str(err) else type(err).__name__)
+            jobs.append(None)
             continue
         jobs.append((cfg, run_dir))
     return jobs
@@ -167,13 +171,14 @@ def workers(base: DictConfig, groups: list[Group]) -> tuple[list[str], int]:
     return gpus, (min(n, len(gpus)) if gpus else n)
 
 
-def plan_sweep(base: DictConfig, loader, job_overrides: Sequence[Sequence[str]]) -> dict:
-    """Generate what the jobs' runs need before they start; returns what went into ``class_images.json``."""
+def plan_sweep(base: DictConfig, composed: Sequence[Optional[tuple[DictConfig, Path]]]) -> dict:
+    """Generate what the jobs' runs need before they start (``composed``: :func:`compose_jobs`); returns what went
+    into ``class_images.json``."""
     from jdiff.sweep import hold_gpu, job_environment, stop
 
     started = time.time()
     sweep_dir = Path(os.path.abspath(str(base.hydra.sweep.dir)))
-    jobs = compose_jobs(base, loader, job_overrides)
+    jobs = [job for job in composed if job is not None]
     styles = shared_styles(jobs)
     record = {"styles": styles, "started": started, "shares": []}
     sweep_dir.mkdir(parents=True, exist_ok=True)

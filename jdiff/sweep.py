@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 import jdiff
 from jdiff import rundir
@@ -295,42 +295,31 @@ def free_memory_gib(gpus: list[str]) -> Optional[float]:
     return min(known) if known else None
 
 
-def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int) -> list[int]:
+def plan_launch(config: DictConfig, composed: list, job_overrides, initial_job_idx: int) -> list[int]:
     """Before the jobs of one launch start: with sweep.pack != 1, group them into packs
     (:func:`jdiff.pack.plan_packs`) and write the plan into the sweep folder, where each job finds its pack.
-    Returns the order to start the jobs in: each pack's first run first, so the packs start at once."""
-    from hydra.core.hydra_config import HydraConfig
-
+    ``composed``: each job's (config, run folder), or None for one that cannot run (it runs alone, and fails
+    alone), as :func:`jdiff.prior_plan.compose_jobs` gives them. Returns the order to start the jobs in: each
+    pack's first run first, so the packs start at once."""
     from jdiff.pack import measured_cost, plan_packs
     from jdiff.prior_plan import sweep_styles
 
     order = list(range(len(job_overrides)))
     pack = OmegaConf.select(config, "sweep.pack", default=1)
-    if str(pack) == "1" or len(job_overrides) < 2:
+    valid = [i for i, job in enumerate(composed) if job is not None]
+    if str(pack) == "1" or len(valid) < 2:
         return order
-    kept = HydraConfig.instance().cfg
-    cfgs, dirs = [], []
-    try:
-        for idx, overrides in enumerate(job_overrides):
-            job = loader.load_sweep_config(config, list(overrides))
-            with open_dict(job):
-                job.hydra.job.num = initial_job_idx + idx
-            HydraConfig.instance().set_config(job)
-            dirs.append(Path(os.path.abspath(Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir))))
-            sweep_dir = Path(os.path.abspath(str(job.hydra.sweep.dir)))
-            with open_dict(job):
-                del job["hydra"]
-            cfgs.append(sweep_styles(resolve_paths(job), sweep_dir))
-    finally:
-        HydraConfig.instance().cfg = kept
+    sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))
+    cfgs = [sweep_styles(composed[i][0], sweep_dir) for i in valid]
+    dirs = [composed[i][1] for i in valid]
     gpus = sweep_gpus(config.gpus)
     cost = measured_cost(cfgs[0]) if str(pack) == "auto" else None
     packs = plan_packs(cfgs, pack_size(pack, len(cfgs), len(gpus), cost, free_memory_gib(gpus) if cost else None))
-    token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{initial_job_idx}"
-    folder = Path(str(config.hydra.sweep.dir)) / PACKS
+    token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{initial_job_idx}"  # one a launch (Optuna: many)
+    folder = sweep_dir / PACKS
     plan = {"launch": token, "packs": [{"id": f"{token}-{j}", "runs": [
-        {"dir": str(dirs[i]), "config": resolved(cfgs[i]), "overrides": list(job_overrides[i])} for i in members]}
-        for j, members in enumerate(packs)]}
+        {"dir": str(dirs[i]), "config": resolved(cfgs[i]), "overrides": list(job_overrides[valid[i]])}
+        for i in members]} for j, members in enumerate(packs)]}
     write_json(folder / f"{token}.json", plan)
     index, _ = rundir.read_json(folder / "index.json")
     index = index or {}
@@ -340,8 +329,9 @@ def plan_launch(config: DictConfig, loader, job_overrides, initial_job_idx: int)
     write_json(folder / "index.json", index)
     sizes = [len(p) for p in packs]
     log.info("sweep.pack=%s: %d runs in %d packs (%s)", pack, len(cfgs), len(packs), ", ".join(map(str, sizes)))
-    leaders = [members[0] for members in packs]
-    return leaders + [i for i in order if i not in set(leaders)]
+    leaders = [valid[members[0]] for members in packs]
+    first = set(leaders)
+    return leaders + [i for i in order if i not in first]
 
 
 def find_pack(run_dir: Path) -> Optional[dict]:

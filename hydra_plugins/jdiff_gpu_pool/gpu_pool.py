@@ -20,18 +20,18 @@ class GpuPoolLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from hydra.core.utils import configure_log
 
-        from jdiff.prior_plan import plan_sweep
+        from jdiff.prior_plan import compose_jobs, plan_sweep
+        from jdiff.sweep import plan_launch
 
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        composed = compose_jobs(self.config, self.hydra_context.config_loader, job_overrides)  # once, for both plans
         try:
-            plan_sweep(self.config, self.hydra_context.config_loader, job_overrides)
+            plan_sweep(self.config, composed)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # the runs make their class images themselves, as without a plan
             log.warning("the sweep's class-image plan failed (%s: %s); each run makes what it needs", type(err).__name__, err)
-        from jdiff.sweep import plan_launch
-
-        order = plan_launch(self.config, self.hydra_context.config_loader, job_overrides, initial_job_idx)
+        order = plan_launch(self.config, composed, job_overrides, initial_job_idx)
         returns = super().launch([job_overrides[i] for i in order], initial_job_idx)
         ordered: list = [None] * len(order)  # in the order of the jobs given, as the sweeper expects
         for position, i in enumerate(order):
