@@ -24,13 +24,19 @@ def sampling_seed(cfg: DictConfig, style: StyleSet) -> int:
     return cfg.seed + style.index
 
 
+def init_image(cfg: DictConfig, style: StyleSet) -> np.ndarray | None:
+    """The image sampling starts from (init.mode=avg_image: the mean of the style's references, (3, H, W) in
+    [-1, 1]), or None (pure noise)."""
+    if cfg.init.mode != "avg_image":
+        return None
+    return to_model_range(average_style_image(style.images_at(cfg.data.resolution)))
+
+
 def generate_images(engine: Engine, cfg: DictConfig, style: StyleSet, out_dir: Path) -> list[Path]:
     """One image per prompt object into ``out_dir``; with inject=styleid each is the image jdiff would make,
     stylised by StyleID's style injection (:mod:`jdiff.inject`) from the style's references."""
     objects = list(style.prompt_objects)
-    init_image = None
-    if cfg.init.mode == "avg_image":
-        init_image = to_model_range(average_style_image(style.images_at(cfg.data.resolution)))
+    init = init_image(cfg, style)
     from jdiff.inject import STYLEID, StyleID  # it samples with this module's loop
 
     make = engine.generate
@@ -42,7 +48,7 @@ def generate_images(engine: Engine, cfg: DictConfig, style: StyleSet, out_dir: P
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
         for start in tqdm(range(0, len(objects), size), desc="generate", unit="batch"):
             chunk = objects[start : start + size]
-            images = make(sampling_request(engine, cfg, style, chunk, start, init_image))
+            images = make(sampling_request(engine, cfg, style, chunk, start, init))
             saved += [writer.submit(save_png, out_dir / image_file_name(o), im) for o, im in zip(chunk, images)]
     return [future.result() for future in saved]
 

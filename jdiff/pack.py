@@ -27,10 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from jdiff import rundir, tensorboard
-from jdiff.augment import to_model_range
-from jdiff.data import average_style_image, image_file_name
+from jdiff.data import image_file_name
 from jdiff.engines.base import EngineError, GenerateRequest, TrainBatch
-from jdiff.files import save_png, write_json
+from jdiff.files import save_png, write_json, write_text
 from jdiff.lora_file import check_adapter_file, save_adapters
 from jdiff.prior import load_class_images
 from jdiff.schedule import learning_rate
@@ -214,14 +213,12 @@ def merged(requests: list[GenerateRequest], adapters: list[int]) -> GenerateRequ
 
 def generate_pack(engine, runs: list, members: list[int], failed: dict[int, BaseException]) -> None:
     """Every image of the runs ``members`` (their engine order is their adapter index), in shared batches."""
-    from jdiff.generate import sampling_request
+    from jdiff.generate import init_image, sampling_request
 
     items = defaultdict(list)  # sampling key -> [(run, object, request)]
     for position, i in enumerate(members):
         run = runs[i]
-        init = None
-        if run.cfg.init.mode == "avg_image":
-            init = to_model_range(average_style_image(run.style.images_at(run.cfg.data.resolution)))
+        init = init_image(run.cfg, run.style)
         for k, obj in enumerate(run.style.prompt_objects):
             req = sampling_request(engine, run.cfg, run.style, [obj], k, init)
             items[sampling_key(req)].append((i, position, obj, req))
@@ -274,7 +271,7 @@ def run_pack(cfgs: list[DictConfig], run_dirs: list[Path]) -> dict[int, BaseExce
             resolve_paths(cfg)
             validate_config(cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / rundir.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            write_text(run_dir / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
             runs.append(Run(cfg, run_dir))
         except USER_ERRORS as err:
             failed[i] = err

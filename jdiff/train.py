@@ -226,12 +226,10 @@ def write_samples(engine: Engine, cfg: DictConfig, style: StyleSet, out_dir: Pat
     with the generation settings and the same noise at every step, as ``out_dir/<name>.png``."""
     from dataclasses import replace
 
-    from jdiff.data import average_style_image, image_file_name
-    from jdiff.generate import sampling_request
+    from jdiff.data import image_file_name
+    from jdiff.generate import init_image, sampling_request
 
-    init_image = None
-    if cfg.init.mode == "avg_image":
-        init_image = to_model_range(average_style_image(style.images_at(cfg.data.resolution)))
+    init = init_image(cfg, style)
     prompts = cfg.train.sample_prompts
     objects = list(style.prompt_objects)[:2] if prompts is None else [str(p) for p in prompts]
     names = ([image_file_name(o) for o in objects] if prompts is None
@@ -240,7 +238,7 @@ def write_samples(engine: Engine, cfg: DictConfig, style: StyleSet, out_dir: Pat
     size = cfg.infer.batch_size
     for begin in range(0, len(objects), size):
         chunk = objects[begin:begin + size]
-        request = sampling_request(engine, cfg, style, chunk, begin, init_image)
+        request = sampling_request(engine, cfg, style, chunk, begin, init)
         if prompts is not None:  # verbatim: no template, no origin-prompt blend
             request = replace(request, prompts=chunk, origin_prompts=None)
         for name, image in zip(names[begin:begin + size], engine.generate(request)):
