@@ -74,6 +74,8 @@ def pack_key(cfg: DictConfig) -> Optional[str]:
     or it starts from a LoRA file)."""
     if "train" not in cfg.stages or cfg.lora.path is not None or cfg.train.checkpoint_every or cfg.train.sample_every:
         return None  # nothing to train, or what happens between steps is its own (checkpoints, samples)
+    if cfg.inject.name != "none":
+        return None  # style injection samples with its own loop (jdiff.inject), which packs do not route
     values = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
               if OmegaConf.is_config(OmegaConf.select(cfg, key)) else OmegaConf.select(cfg, key) for key in PACK_KEYS}
     values["text_encoder_trains"] = cfg.lora.text_encoder_rank > 0

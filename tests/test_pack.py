@@ -100,9 +100,10 @@ def test_runs_pack_only_with_runs_that_share_the_model_and_step_shape(jdiff_root
     cfgs = [compose_config(base + o, jdiff_root) for o in (
         ["style=00"], ["style=01", "lora.unet_rank=16", "train.lr=3e-4", "prior.weight=0.3"],
         ["style=02", "train.steps=9"], ["style=00", "train.batch_size=2"], ["style=01", "engine=jittor"],
-        ["style=02", "stages=[generate,score]", "lora.path=/x.safetensors"], ["style=02", "seed=3"])]
-    assert plan_packs(cfgs, 8) == [[0, 1, 6], [2], [3], [4], [5]]
-    assert plan_packs(cfgs, 2) == [[0, 1], [2], [3], [4], [5], [6]]
+        ["style=02", "stages=[generate,score]", "lora.path=/x.safetensors"], ["style=02", "seed=3"],
+        ["style=01", "inject=styleid"])]
+    assert plan_packs(cfgs, 8) == [[0, 1, 6], [2], [3], [4], [5], [7]]
+    assert plan_packs(cfgs, 2) == [[0, 1], [2], [3], [4], [5], [6], [7]]
     assert plan_packs(cfgs, 1) == [[i] for i in range(len(cfgs))]
 
 
