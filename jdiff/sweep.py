@@ -189,7 +189,7 @@ def run_in_child(cfg: DictConfig, run_dir: Path, label: str) -> Optional[float]:
     gpus = [] if device.kind == "cpu" else sweep_gpus(cfg.gpus)
     write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     with hold_gpu(Path(cfg.paths.cache) / "locks", gpus) as gpu:
-        code = run_child(run_dir, gpu, label)
+        code = run_child([run_dir], gpu, label)
     if code == 0:
         return rundir.inspect(run_dir).final_score
     if code == INTERRUPTED:
@@ -214,10 +214,9 @@ def job_environment(gpu: Optional[str]) -> dict:
     return env
 
 
-def run_child(run_dirs, gpu: Optional[str], label: str) -> int:
+def run_child(run_dirs: list[Path], gpu: Optional[str], label: str) -> int:
     """Run the stages in ``python -m jdiff.job RUN_DIR...`` (several: one pack), seeing only ``gpu``; returns its
     exit code."""
-    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     env = job_environment(gpu)
     host = socket.gethostname()
     started = time.time()
@@ -414,9 +413,11 @@ def run_members(cfg: DictConfig, members: list[Path], label: str) -> None:
         log.warning("[%s] a pack of %d runs did not fit in the GPU's memory; running it as %d + %d", label,
                     len(members), half, len(members) - half)
         for part in (members[:half], members[half:]):
-            for run_dir in part:
-                rundir.prepare(run_dir, None, True)
-            run_members(cfg, part, label)
+            part = [d for d in part if rundir.inspect(d).status != "complete"]  # a finished run stays as it is
+            for run_dir in part:  # the attempt's files go; its log stays (it says why)
+                rundir.prepare(run_dir, None, False)
+            if part:
+                run_members(cfg, part, label)
         return
     for run_dir in members:
         state = rundir.inspect(run_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import QUICK, compose_config
 from jdiff import rundir
@@ -176,3 +177,32 @@ def test_auto_packs_no_more_runs_than_the_free_memory_holds_at_the_measured_cost
     assert measured_cost(other) is None  # another engine: another cost
     assert pack_size("auto", 15, 1, 3.0, 20.0) == 6  # 90% of 20 GiB holds 6 runs of 3 GiB
     assert pack_size("auto", 15, 1, 3.0, 200.0) == 15 and pack_size("auto", 15, 1, 3.0, 1.0) == 1
+
+
+def test_a_pack_the_gpu_has_no_memory_for_runs_again_in_halves(jdiff_root, tiny_model_dir, tmp_path, monkeypatch):
+    """run_members: exit code OUT_OF_MEMORY splits the pack in two, each half run on its own; the attempt's
+    outputs go, its log stays, and a half's finished run is not run again."""
+    from jdiff import sweep
+
+    cfg = compose_config(QUICK + ["engine=torch", "engine.device=cpu", "style=00"], jdiff_root)
+    dirs = [tmp_path / f"run{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+        (d / rundir.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))  # as the pack's leader writes it
+        (d / rundir.LOG).write_text("the first attempt\n")
+    calls = []
+
+    def child(run_dirs, gpu, label):
+        calls.append([d.name for d in run_dirs])
+        if len(run_dirs) > 1 and len(calls) == 1:
+            (run_dirs[0] / rundir.LOSS).write_text("step\n")  # what the failed attempt left
+            return sweep.OUT_OF_MEMORY
+        for d in run_dirs:
+            (d / rundir.COMPLETE).write_text('{"final_score": 1.0}')
+        return 0
+
+    monkeypatch.setattr(sweep, "run_child", child)
+    sweep.run_members(cfg, dirs, "#0")
+    assert calls == [["run0", "run1", "run2"], ["run0"], ["run1", "run2"]]
+    assert all((d / rundir.COMPLETE).is_file() for d in dirs)
+    assert not (dirs[0] / rundir.LOSS).exists() and (dirs[0] / rundir.LOG).read_text() == "the first attempt\n"
