@@ -76,8 +76,11 @@ def pack_key(cfg: DictConfig) -> Optional[str]:
         return None  # nothing to train, or what happens between steps is its own (checkpoints, samples)
     if cfg.inject.name != "none":
         return None  # style injection samples with its own loop (jdiff.inject), which packs do not route
-    values = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
-              if OmegaConf.is_config(OmegaConf.select(cfg, key)) else OmegaConf.select(cfg, key) for key in PACK_KEYS}
+    def value(key: str):
+        node = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    values = {key: value(key) for key in PACK_KEYS}
     values["text_encoder_trains"] = cfg.lora.text_encoder_rank > 0
     values["stages"] = list(cfg.stages)
     return repr(sorted(values.items()))
