@@ -98,9 +98,22 @@ def stop(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def register_launcher() -> None:
+    """Make the sweep launcher known to Hydra by name. Hydra finds plugins by listing the ``hydra_plugins``
+    namespace's folders; an editable install (``pip install -e``) serves ``hydra_plugins.jdiff_gpu_pool`` through
+    an import hook that listing does not see, so a sweep started outside the checkout would stop at "Unknown
+    plugin class"."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.jdiff_gpu_pool.gpu_pool import GpuPoolLauncher
+
+    Plugins.instance().register(GpuPoolLauncher)
+
+
 def cli() -> None:
     """The command line: ``jdiff [overrides]`` (the console script) and ``python -m jdiff.main [overrides]``."""
     report_composition_errors_in_one_line()
+    register_launcher()
     try:
         main()
     except KeyboardInterrupt:  # before a run began (while the config was composed): nothing was written

@@ -143,3 +143,9 @@ def test_an_editable_install_reads_the_checkouts_config_tree(tmp_path):
     assert Path(done.stdout.strip()) == src / "conf"
     job = call([venv.jdiff, "--cfg", "job", "experiment=demo", "seed=3"], cwd=elsewhere, env=venv.env)
     assert yaml.safe_load(job.stdout)["seed"] == 3
+    # A sweep from outside the checkout finds jdiff's launcher, which the editable install serves through an
+    # import hook that Hydra's plugin scan does not list.
+    call([venv.jdiff, "-m", "experiment=demo", "engine=torch", "train.steps=1", "infer.steps=2", "seed=3,4",
+          "sweep.name=s"], cwd=elsewhere, env=venv.env)
+    runs = sorted((elsewhere / "multirun" / "s").glob("*seed=*"))
+    assert len(runs) == 2 and all((run / "COMPLETE").is_file() for run in runs), runs

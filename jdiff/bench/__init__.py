@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -188,7 +189,23 @@ def measure(variant: str, section: str, args) -> dict:
         images = sum(len(make(r)) for r in requests)
         result.update(images=images, generate_s=time.perf_counter() - started)
     result["torch_peak_gib"] = torch_peak_gib()
+    result.update(jittor_memory())
     return result
+
+
+def jittor_memory() -> dict:
+    """On Jittor's GPU path, what this process holds now (nvidia-smi) and after ``jt.gc()`` hands the allocator's
+    cached blocks back: their difference is memory kept for reuse, not memory the step needs."""
+    jt = sys.modules.get("jittor")
+    if jt is None or not jt.flags.use_cuda:
+        return {}
+    from jdiff.bench.memory import process_gib
+
+    jt.sync_all(True)
+    held = process_gib(os.getpid())
+    jt.gc()
+    return {"jittor_held_gib": held, "jittor_after_gc_gib": process_gib(os.getpid()),
+            "cudnn_workspace_cap_gib": os.environ.get("JDIFF_CUDNN_WORKSPACE_GIB")}
 
 
 def run_steps(variant: str, engine, batches: list, count: int) -> None:

@@ -8,6 +8,27 @@ from pathlib import Path
 from typing import Optional
 
 
+def used_mib() -> Optional[dict[int, int]]:
+    """GPU memory in MiB of each process using a GPU, by pid (nvidia-smi); None where nvidia-smi cannot say."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    used: dict[int, int] = {}
+    for line in out.strip().splitlines():
+        pid, _, mib = line.partition(",")
+        if mib.strip().isdigit() and pid.strip().isdigit():
+            used[int(pid)] = used.get(int(pid), 0) + int(mib)
+    return used
+
+
+def process_gib(pid: int) -> Optional[float]:
+    """What process ``pid`` holds on the GPUs now, in GiB (None: nvidia-smi does not list it)."""
+    mib = (used_mib() or {}).get(pid)
+    return round(mib / 1024, 2) if mib else None
+
+
 class GpuMemoryWatch:
     """Peak GPU memory of one process (and its children), polled from nvidia-smi."""
 
@@ -18,14 +39,11 @@ class GpuMemoryWatch:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.2):
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
-            except (OSError, subprocess.TimeoutExpired):
+            by_pid = used_mib()
+            if by_pid is None:
                 return
-            used = sum(int(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
-                       if int(p) in self.pids | children(self.pids))
-            self.peak_mib = max(self.peak_mib, used)
+            watched = self.pids | children(self.pids)
+            self.peak_mib = max(self.peak_mib, sum(m for p, m in by_pid.items() if p in watched))
 
     def stop(self) -> Optional[float]:
         self._stop.set()
