@@ -377,17 +377,17 @@ def test_first_compile_is_announced_only_when_jittors_core_is_not_built(monkeypa
 
 
 def test_cudnn_workspace_cap_is_a_fraction_of_the_card_never_above_jittors_quarter(monkeypatch):
-    """JDIFF_CUDNN_WORKSPACE_GIB reaches Jittor as its ratio of the card; unset, Jittor's default stands; a bad
-    value is refused by name; without cuDNN nothing is set."""
+    """JDIFF_CUDNN_WORKSPACE_GIB reaches Jittor as its ratio of the card; unset, the cap is 2 GiB (Jittor's own
+    quarter of the card held 43.7 GiB of an H200); a bad value is refused by name; without cuDNN nothing is set."""
     from types import SimpleNamespace
 
     ratios = []
     card = SimpleNamespace(get_mem_info=lambda: SimpleNamespace(total_cuda_ram=80 * 2**30),
                            cudnn=SimpleNamespace(set_max_workspace_ratio=ratios.append))
     monkeypatch.delenv("JDIFF_CUDNN_WORKSPACE_GIB", raising=False)
-    assert env.limit_cudnn_workspace(card) is None and ratios == []
-    monkeypatch.setenv("JDIFF_CUDNN_WORKSPACE_GIB", "2")
     assert env.limit_cudnn_workspace(card) == 2 and ratios == [2 / 80]
+    monkeypatch.setenv("JDIFF_CUDNN_WORKSPACE_GIB", "0.5")
+    assert env.limit_cudnn_workspace(card) == 0.5 and ratios[-1] == 0.5 / 80
     monkeypatch.setenv("JDIFF_CUDNN_WORKSPACE_GIB", "1000")
     assert env.limit_cudnn_workspace(card) == 20 and ratios[-1] == 0.25
     for bad in ("lots", "0", "-2"):
@@ -396,7 +396,7 @@ def test_cudnn_workspace_cap_is_a_fraction_of_the_card_never_above_jittors_quart
             env.limit_cudnn_workspace(card)
     monkeypatch.setenv("JDIFF_CUDNN_WORKSPACE_GIB", "4")
     assert env.limit_cudnn_workspace(SimpleNamespace(get_mem_info=card.get_mem_info, cudnn=None)) is None
-    assert len(ratios) == 2
+    assert len(ratios) == 3
 
 
 def run_python(code: str, *, pythonpath: list[Path], extra_env: dict[str, str],

@@ -4,7 +4,7 @@ API:
     import_jittor(device="auto") -> the ``jittor`` module, on the asked device ("auto", "cpu", "cuda")
     use_device(jt, device)  -> move an imported Jittor to another device
     jittor_device(jt) -> "cuda" or "cpu": where Jittor runs now (``jt.flags.use_cuda``)
-    limit_cudnn_workspace(jt) -> the cap on cuDNN's algorithm-search workspace, in GiB, if one was asked for
+    limit_cudnn_workspace(jt) -> the cap set on cuDNN's algorithm-search workspace, in GiB
     gpu_driver_present() -> the CPU/GPU rule below
 
 Jittor 1.3.11 reads its settings from environment variables once, at its first import, and out of the box
@@ -31,11 +31,12 @@ Failures become ``EngineError`` with what to do: Jittor missing, numpy 2 (Jittor
 or a failed compile (naming the cache folder; the compiler's messages are what Jittor printed above).
 The first import compiles Jittor's core (minutes); later imports reuse the cache.
 
-On the GPU, cuDNN's algorithm search for each new convolution shape may try workspaces of up to a quarter of
-the card (Jittor's default), and Jittor's allocator keeps the largest: the ninth GPU run saw a training process
-hold 30 GiB of an 80 GiB card. ``JDIFF_CUDNN_WORKSPACE_GIB`` caps that search (algorithms needing more are not
-tried), for a card that runs out of memory; unset, Jittor's default stands. Its effect on speed and memory has
-not been measured on a GPU yet (docs/benchmarks.md).
+On the GPU, cuDNN's algorithm search for each new convolution shape tries every algorithm with a workspace as
+large as the largest one needs, up to Jittor's default of a quarter of the card, and Jittor's allocator keeps that
+block: a ``jittor_fast`` training process held 43.7 GiB of an H200's 139 GiB, of which 3.8 GiB remained after
+``jt.gc()``. jdiff caps the search at 2 GiB (``JDIFF_CUDNN_WORKSPACE_GIB``, default 2; a larger value, e.g. 1000,
+gives Jittor's quarter back): on that H200 the same process then peaked at 8.3 GiB training and 11.1 GiB
+generating, trained at 7.95 steps/s against 7.14, and made 25 images in 13.0 s against 12.3 (docs/benchmarks.md).
 
 Jittor's import also changes the process in two ways we undo (``import_quietly``): it installs C signal
 handlers for SIGINT (exit at once, skipping Python's clean-up: no KeyboardInterrupt, temporary files left
@@ -58,6 +59,9 @@ import threading
 from pathlib import Path
 
 from jdiff.devices import Device, DeviceError, parse_device
+
+# GiB: cuDNN's algorithm search tries no algorithm needing a larger workspace (see above)
+DEFAULT_CUDNN_WORKSPACE_GIB = 2
 from jdiff.engines.base import EngineError
 
 NO_DOWNLOAD_SETTINGS = {
@@ -271,18 +275,17 @@ def use_device(jt, device: str) -> None:
 
 
 def limit_cudnn_workspace(jt) -> float | None:
-    """Cap cuDNN's algorithm-search workspace at ``$JDIFF_CUDNN_WORKSPACE_GIB``, given to Jittor as its fraction of
-    the card and never above Jittor's own quarter. Returns the cap in GiB, or None: none asked for, or no cuDNN."""
-    raw = os.environ.get("JDIFF_CUDNN_WORKSPACE_GIB")
-    if raw is None:
-        return None
+    """Cap cuDNN's algorithm-search workspace at ``$JDIFF_CUDNN_WORKSPACE_GIB`` (default
+    ``DEFAULT_CUDNN_WORKSPACE_GIB``), given to Jittor as its fraction of the card and never above Jittor's own
+    quarter. Returns the cap in GiB, or None where there is no cuDNN."""
+    raw = os.environ.get("JDIFF_CUDNN_WORKSPACE_GIB", str(DEFAULT_CUDNN_WORKSPACE_GIB))
     try:
         gib = float(raw)
     except ValueError:
         gib = -1.0
     if not gib > 0:
         raise EngineError(f"JDIFF_CUDNN_WORKSPACE_GIB={raw!r}: give cuDNN's workspace cap in GiB, a number above 0 "
-                          "(e.g. 2), or unset it for Jittor's default (a quarter of the card).")
+                          f"(default {DEFAULT_CUDNN_WORKSPACE_GIB}; 1000 for Jittor's own, a quarter of the card).")
     total = jt.get_mem_info().total_cuda_ram
     if getattr(jt, "cudnn", None) is None or total <= 0:
         return None
