@@ -200,13 +200,13 @@ def jittor_memory() -> dict:
     if jt is None or not jt.flags.use_cuda:
         return {}
     from jdiff.bench.memory import process_gib
-    from jdiff.engines.jittor.env import DEFAULT_CUDNN_WORKSPACE_GIB
+    from jdiff.engines.jittor.env import cudnn_workspace_gib
 
     jt.sync_all(True)
     held = process_gib(os.getpid())
     jt.gc()
     return {"jittor_held_gib": held, "jittor_after_gc_gib": process_gib(os.getpid()),
-            "cudnn_workspace_cap_gib": float(os.environ.get("JDIFF_CUDNN_WORKSPACE_GIB", DEFAULT_CUDNN_WORKSPACE_GIB))}
+            "cudnn_workspace_cap_gib": cudnn_workspace_gib()}
 
 
 def run_steps(variant: str, engine, batches: list, count: int) -> None:

@@ -5,6 +5,7 @@ API:
     use_device(jt, device)  -> move an imported Jittor to another device
     jittor_device(jt) -> "cuda" or "cpu": where Jittor runs now (``jt.flags.use_cuda``)
     limit_cudnn_workspace(jt) -> the cap set on cuDNN's algorithm-search workspace, in GiB
+    cudnn_workspace_gib() -> the cap asked for ($JDIFF_CUDNN_WORKSPACE_GIB, default 2), in GiB
     gpu_driver_present() -> the CPU/GPU rule below
 
 Jittor 1.3.11 reads its settings from environment variables once, at its first import, and out of the box
@@ -59,10 +60,10 @@ import threading
 from pathlib import Path
 
 from jdiff.devices import Device, DeviceError, parse_device
+from jdiff.engines.base import EngineError
 
 # GiB: cuDNN's algorithm search tries no algorithm needing a larger workspace (see above)
 DEFAULT_CUDNN_WORKSPACE_GIB = 2
-from jdiff.engines.base import EngineError
 
 NO_DOWNLOAD_SETTINGS = {
     "use_mkl": "0",
@@ -278,6 +279,17 @@ def limit_cudnn_workspace(jt) -> float | None:
     """Cap cuDNN's algorithm-search workspace at ``$JDIFF_CUDNN_WORKSPACE_GIB`` (default
     ``DEFAULT_CUDNN_WORKSPACE_GIB``), given to Jittor as its fraction of the card and never above Jittor's own
     quarter. Returns the cap in GiB, or None where there is no cuDNN."""
+    gib = cudnn_workspace_gib()
+    total = jt.get_mem_info().total_cuda_ram
+    if getattr(jt, "cudnn", None) is None or total <= 0:
+        return None
+    jt.cudnn.set_max_workspace_ratio(min(0.25, gib * 2**30 / total))
+    return min(gib, 0.25 * total / 2**30)
+
+
+def cudnn_workspace_gib() -> float:
+    """The cap asked for on cuDNN's algorithm-search workspace, in GiB: ``$JDIFF_CUDNN_WORKSPACE_GIB``, else
+    ``DEFAULT_CUDNN_WORKSPACE_GIB``; a value that is not a number above 0 is refused by name."""
     raw = os.environ.get("JDIFF_CUDNN_WORKSPACE_GIB", str(DEFAULT_CUDNN_WORKSPACE_GIB))
     try:
         gib = float(raw)
@@ -286,11 +298,7 @@ def limit_cudnn_workspace(jt) -> float | None:
     if not gib > 0:
         raise EngineError(f"JDIFF_CUDNN_WORKSPACE_GIB={raw!r}: give cuDNN's workspace cap in GiB, a number above 0 "
                           f"(default {DEFAULT_CUDNN_WORKSPACE_GIB}; 1000 for Jittor's own, a quarter of the card).")
-    total = jt.get_mem_info().total_cuda_ram
-    if getattr(jt, "cudnn", None) is None or total <= 0:
-        return None
-    jt.cudnn.set_max_workspace_ratio(min(0.25, gib * 2**30 / total))
-    return min(gib, 0.25 * total / 2**30)
+    return gib
 
 
 def jittor_device(jt) -> str:
