@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from jdiff.engines.base import Engine
-from jdiff.files import write_json
+from jdiff.files import save_safetensors, write_json
 from jdiff.rundir import CHECKPOINT
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,13 @@ FILES = (STATE, ADAPTER, OPTIMIZER)
 
 def save(run_dir: Path, engine: Engine, step: int, rows: list[dict]) -> Path:
     """The training state after ``step`` steps as ``run_dir/checkpoint``, replacing the one before."""
-    from safetensors.numpy import save_file
-
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT
     tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.", suffix=".tmp", dir=run_dir))
     try:
         engine.save_lora(tmp / ADAPTER)
         state = {key: np.ascontiguousarray(np.atleast_1d(value)) for key, value in engine.optimizer_state().items()}
-        save_file(state, str(tmp / OPTIMIZER))
+        save_safetensors(tmp / OPTIMIZER, state)
         write_json(tmp / STATE, {"step": step, "engine": engine.name, "rows": rows})
         old = None
         if final.exists():  # a folder cannot be renamed over a full one: the old one steps aside first

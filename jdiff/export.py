@@ -29,10 +29,9 @@ from typing import Optional
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jdiff import rundir
-from jdiff.files import atomic_write
+from jdiff.files import save_safetensors
 from jdiff.lora_file import (ADAPTER_FILE, KOHYA_ALPHA, KOHYA_DOWN, KOHYA_UP, Adapter, AdapterFileError,
                              is_kohya_file, kohya_name, load_adapters, save_adapters)
 
@@ -244,7 +243,7 @@ def export(source: Path, fmt: str, out: Optional[Path] = None, overwrite: bool =
                         f"q_proj, k_proj, v_proj and out_proj all have one (its CLIP runs them as one module), so "
                         f"it skips those of {shown}; ComfyUI and diffusers apply them. Train with lora."
                         f"text_encoder_targets=[q_proj,k_proj,v_proj,out_proj] for WebUI.")
-    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    save_safetensors(out, tensors, metadata)
     return out, warnings
 
 

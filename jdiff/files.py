@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -42,6 +42,16 @@ def without_negative_zero(data):
     if isinstance(data, (list, tuple)):
         return [without_negative_zero(v) for v in data]
     return data
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: Optional[dict] = None) -> Path:
+    """``tensors`` (numpy arrays) as a safetensors file. The bytes are made in memory and written through
+    :func:`atomic_write`: safetensors' own file writer puts a temporary ``.tmpXXXXXX`` of its own beside the
+    file, which a process killed while writing leaves behind."""
+    from safetensors.numpy import save
+
+    data = save(tensors, metadata=metadata)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_png(path: Path, image) -> Path:

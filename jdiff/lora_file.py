@@ -32,9 +32,8 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from jdiff.files import atomic_write
+from jdiff.files import save_safetensors
 from jdiff.noise import LORA_INIT, stream, text_key
 
 PREFIXES = ("unet", "text_encoder")
@@ -114,7 +113,7 @@ def save_adapters(path: Path, adapters: dict[str, Adapter], extra_metadata: dict
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
     if extra_metadata:
         metadata["jdiff"] = json.dumps(extra_metadata, sort_keys=True)
-    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return save_safetensors(Path(path), tensors, metadata)
 
 
 def adapter_file(path: Path) -> Path:

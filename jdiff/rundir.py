@@ -61,8 +61,9 @@ PLACEMENT_KEYS = ("gpus", "n_jobs", "sweep", "overwrite")
 # the way, not its results: a run may resume with other values too.
 NEUTRAL_KEYS = ("prior.batch_size", "train.checkpoint_every", "train.sample_every", "train.sample_prompts")
 SAMPLE_STEP = re.compile(r"^step_\d+$")
-# jdiff.files.atomic_write's temporary files: ".<name>.<random>.tmp<suffix>".
-TEMPORARY = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
+# jdiff.files.atomic_write's temporary files: ".<name>.<random>.tmp<suffix>"; and ".tmp<6 random>", which
+# safetensors' own file writer left beside a file when jdiff (before 2026-12-03) wrote with it and was killed.
+TEMPORARY = re.compile(r"^(\..+\.tmp(\.[A-Za-z0-9]+)?|\.tmp[A-Za-z0-9]{6})$")
 
 
 class RunDirError(RuntimeError):

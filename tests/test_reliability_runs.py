@@ -295,6 +295,39 @@ def test_a_file_of_the_users_in_an_unfinished_runs_images_stops_the_resume(tmp_p
     assert snapshot(tmp_path / "r") == before
 
 
+def test_a_run_killed_while_safetensors_wrote_its_file_resumes(tmp_path, cache):
+    """jdiff before 2026-12-03 wrote its LoRA files with safetensors' own file writer, which makes a ".tmpXXXXXX"
+    beside the file: a run killed then (seen on the GPU) was refused at its resume as holding foreign files."""
+    run_ok(tmp_path, quick(cache, "hydra.run.dir=r"))
+    (tmp_path / "r" / COMPLETE).unlink()
+    (tmp_path / "r" / ".tmpkYJ7Ny").write_bytes(b"half a safetensors file")
+    run_ok(tmp_path, quick(cache, "hydra.run.dir=r"))
+    assert (tmp_path / "r" / COMPLETE).is_file()
+    assert not (tmp_path / "r" / ".tmpkYJ7Ny").exists()
+
+
+def test_jdiff_writes_safetensors_files_itself_leaving_nothing_beside_them(tmp_path, monkeypatch):
+    """Every safetensors file jdiff writes goes through its own atomic write (so a kill leaves only a temporary
+    file jdiff knows), never through safetensors' file writer, with what it held and its metadata."""
+    import safetensors.numpy
+    from safetensors import safe_open
+
+    from jdiff.files import save_safetensors
+
+    def refused(*args, **kwargs):
+        raise AssertionError("safetensors' own file writer was used")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", refused)
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16)}
+    save_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    with safe_open(str(tmp_path / "x.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert all(np.array_equal(f.get_tensor(k), v) for k, v in tensors.items())
+    for module in ("lora_file", "export", "checkpoint"):  # the writers of run files and exports
+        source = (REPO / "jdiff" / f"{module}.py").read_text()
+        assert "save_file(" not in source.replace("safetensors.torch.save_file(torch.load", ""), module
+
 def test_two_runs_into_one_folder_at_once_never_mix(tmp_path, cache):
     commands = [[sys.executable, "-m", "jdiff.main", *quick(cache, "hydra.run.dir=r", f"seed={seed}")]
                 for seed in (1, 2)]
