@@ -33,8 +33,8 @@ from jdiff.files import save_png, write_json, write_text
 from jdiff.lora_file import check_adapter_file, save_adapters
 from jdiff.prior import load_class_images
 from jdiff.schedule import learning_rate
-from jdiff.train import (TrainingDiverged, batch_source, diverged_message, loss_row, optimizer_settings,
-                         write_loss_log)
+from jdiff.train import (TrainingDiverged, batch_source, diverged_message, enlarged_views, loss_row,
+                         optimizer_settings, write_loss_log)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,16 @@ def train_pack(engine, runs: list, failed: dict[int, BaseException]) -> None:
 
     cfgs = [run.cfg for run in runs]
     steps, n = cfgs[0].train.steps, cfgs[0].train.batch_size
-    sources = [batch_source(engine, run.cfg, run.style, load_class_images(run.class_items),
-                            [item.prompt for item in run.class_items], run.schedule) for run in runs]
+    shared: dict[tuple, list] = {}  # runs of one class set (prior.share=sweep: every run) read it once
+
+    def class_views(run) -> list:
+        key = (tuple(item.path for item in run.class_items), run.cfg.data.resolution, run.cfg.augment.crop_scale)
+        if key not in shared:
+            shared[key] = enlarged_views(load_class_images(run.class_items), run.cfg)
+        return shared[key]
+
+    sources = [batch_source(engine, run.cfg, run.style, class_views(run), [item.prompt for item in run.class_items],
+                            run.schedule) for run in runs]
     engine.add_packed_lora([lora_spec(cfg) for cfg in cfgs])
     engine.setup_packed_training([optimizer_settings(cfg) for cfg in cfgs])
     members = list(range(len(runs)))  # the runs still in the pack, in the engine's order

@@ -114,12 +114,16 @@ def weighted_loss(per_sample, weights):
     return (per_sample * weights).sum()
 
 
-def batch_source(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list[np.ndarray],
+def enlarged_views(images: list[np.ndarray], cfg: DictConfig) -> list:
+    """``images`` as the run's augmentation cuts its views from (:func:`jdiff.augment.enlarged` at its resolution
+    and crop scale): made once, not at every step."""
+    return [enlarged(v, cfg.data.resolution, cfg.augment.crop_scale) for v in images]
+
+
+def batch_source(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list,
                  class_prompts: list[str], schedule: NoiseSchedule) -> Callable[[int], TrainBatch]:
-    """A run's batches: step -> :func:`make_batch` of that step (the views enlarged once, not at every step)."""
-    res, crop_scale = cfg.data.resolution, cfg.augment.crop_scale
-    style_views = [enlarged(v, res, crop_scale) for v in style.images()]
-    class_views = [enlarged(v, res, crop_scale) for v in class_views]
+    """A run's batches: step -> :func:`make_batch` of that step; ``class_views`` are :func:`enlarged_views`."""
+    style_views = enlarged_views(style.images(), cfg)
     style_prompts = [cfg.data.train_template.format(object=o, style=style.style_id) for o in style.objects]
     latent_shape = engine.latent_shape(cfg.data.resolution)
     return lambda step: make_batch(step, cfg, style_views, style_prompts, class_views, class_prompts, schedule,
@@ -143,7 +147,7 @@ def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: li
     A checkpoint there (:mod:`jdiff.checkpoint`) is continued from."""
     t = cfg.train
     run_dir = Path(loss_log).parent
-    draw = batch_source(engine, cfg, style, class_views, class_prompts, schedule)
+    draw = batch_source(engine, cfg, style, enlarged_views(class_views, cfg), class_prompts, schedule)
     engine.setup_training(optimizer_settings(cfg))
     n = cfg.train.batch_size
     rows: list[dict] = []
