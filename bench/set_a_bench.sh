@@ -7,6 +7,8 @@
 # data/styles/ (copied to /tmp before use). Logs and JSON in ${OUT:-gpu_out}/. PARTS (default "memory set_a unpacked"),
 # WORKSPACES in GiB (default "1000 2 0.5"; 1000 is Jittor's own cap, a quarter of the card; jdiff's is 2),
 # PRIOR_OBJECTS (default 35: 280 class images, as the reference's ~280).
+# It takes longer than one device call: start it with `bench/detach.sh set_a bench/set_a_bench.sh` and call
+# `bench/detach.sh set_a` again, at once, until it has ended.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-gpu_out}"); mkdir -p "$OUT"
