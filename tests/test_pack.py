@@ -83,8 +83,9 @@ def test_packed_runs_match_the_same_runs_alone(jdiff_root, tiny_model_dir, tmp_p
 
 def test_a_packs_runs_of_one_class_set_read_it_once_and_match_their_runs_alone(jdiff_root, tiny_model_dir, tmp_path,
                                                                               monkeypatch):
-    """prior.share=sweep gives every run one class set: a pack reads and enlarges its images once (on the H200,
-    ~14 ms an image, which for set A's 15 runs of 280 was ~55 s before the first step), not once a run."""
+    """prior.share=sweep gives every run one class set: a pack reads and enlarges its images once, not once a run
+    (~14 ms an image on a 2-core machine: for set A's 15 runs of 280, most of the 81 s before the first step on
+    the H200)."""
     import jdiff.pack
 
     shared = ["prior.share=sweep", "prior.styles=[00,01]", "engine=torch"]
