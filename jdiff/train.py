@@ -140,14 +140,14 @@ def loss_row(step: int, lr: float, batch_size: int, weights: np.ndarray, per_sam
             "seconds": round(seconds, 3)}
 
 
-def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_views: list[np.ndarray],
+def train_lora(engine: Engine, cfg: DictConfig, style: StyleSet, class_images: list[np.ndarray],
                class_prompts: list[str], schedule: NoiseSchedule, loss_log: Path) -> list[dict]:
     """Train the attached adapters for ``train.steps`` steps; writes the per-step loss log as it goes, and into
     the loss log's folder (the run's) what train.checkpoint_every, train.sample_every and TensorBoard ask for.
     A checkpoint there (:mod:`jdiff.checkpoint`) is continued from."""
     t = cfg.train
     run_dir = Path(loss_log).parent
-    draw = batch_source(engine, cfg, style, enlarged_views(class_views, cfg), class_prompts, schedule)
+    draw = batch_source(engine, cfg, style, enlarged_views(class_images, cfg), class_prompts, schedule)
     engine.setup_training(optimizer_settings(cfg))
     n = cfg.train.batch_size
     rows: list[dict] = []

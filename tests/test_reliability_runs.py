@@ -328,6 +328,7 @@ def test_jdiff_writes_safetensors_files_itself_leaving_nothing_beside_them(tmp_p
         source = (REPO / "jdiff" / f"{module}.py").read_text()
         assert "save_file(" not in source.replace("safetensors.torch.save_file(torch.load", ""), module
 
+
 def test_two_runs_into_one_folder_at_once_never_mix(tmp_path, cache):
     commands = [[sys.executable, "-m", "jdiff.main", *quick(cache, "hydra.run.dir=r", f"seed={seed}")]
                 for seed in (1, 2)]

@@ -3,7 +3,6 @@ hook that records and injects the self-attention's q, k, v, the two engines alik
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
