@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ class SweepGuard(Callback):
 
 
 class SweepReport(Callback):
-    """At the end of every multirun, write the sweep's report (``jdiff.report``) into the sweep folder."""
+    """At the end of every multirun, write the sweep's report (``jdiff.report``) into the sweep folder. A sweep
+    whose folder holds a run that is not complete (failed, unfinished, broken) says so in one line on stderr and
+    ends with exit code 1, so that a script or a scheduler does not take it for a finished sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from jdiff.report import write_report
@@ -57,3 +60,19 @@ class SweepReport(Callback):
                       sweep_dir, err, sweep_dir)
             return
         log.info("sweep report (%d runs): %s", len(runs), sweep_dir / "report.html")
+        counts = Counter(run.status for run in runs)
+        if counts["complete"] < len(runs):
+            others = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "complete")
+            print(f"error: {len(runs) - counts['complete']} of the sweep's {len(runs)} runs did not complete "
+                  f"({others}); {sweep_dir / 'report.html'} says why. The same command with "
+                  f"{relaunch_override(sweep_dir)} runs the failed and unfinished ones again.", file=sys.stderr)
+            sys.exit(1)
+
+
+def relaunch_override(sweep_dir: Path) -> str:
+    """The override that launches a sweep into ``sweep_dir`` again: ``sweep.name=`` for the usual multirun/NAME
+    (a name made of the start time too), else ``hydra.sweep.dir=`` the folder."""
+    parts = sweep_dir.parts
+    if len(parts) > 1 and parts[0] == "multirun":
+        return "sweep.name=" + "/".join(parts[1:])
+    return f"hydra.sweep.dir={sweep_dir}"

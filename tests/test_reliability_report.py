@@ -280,13 +280,54 @@ def test_several_damaged_runs_at_once_and_the_callback_still_writes_the_report(s
     (sweep / "b" / "config.yaml").write_text("[")
     (sweep / "c" / "images" / "Object0.png").write_text("")
     (sweep / "f" / "FAILED").write_text("")
-    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    with pytest.raises(SystemExit) as ended:
+        SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert ended.value.code == 1
     rows = read_csv(sweep)
     assert [(r["run"], r["status"], r["final"]) for r in rows] == [
         ("b", "complete", "0.5000"), ("a", "complete", "0.3000"), ("c", "complete", "0.2000"), ("f", "failed", ""),
         ("x", "broken", ""), ("u", "unfinished", "")]
     assert [bool(r["problem"]) for r in rows] == [True, True, True, False, True, False]
     assert "6 runs: 3 complete, 1 failed, 1 broken, 1 unfinished." in (sweep / "scores.md").read_text()
+
+
+def end_of_sweep(sweep_dir: Path, capsys):
+    """SweepReport at the end of a multirun into ``sweep_dir``: the exit code (None: it returned) and stderr."""
+    from omegaconf import OmegaConf
+
+    from jdiff.callbacks import SweepReport
+
+    try:
+        SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+        code = None
+    except SystemExit as ended:
+        code = ended.code
+    return code, capsys.readouterr().err
+
+
+def test_a_sweep_with_runs_that_did_not_complete_ends_with_exit_code_1_and_says_which(sweep, capsys, monkeypatch):
+    monkeypatch.chdir(sweep.parent)
+    named = Path("multirun") / "2026-12-04" / "19-19-36"
+    named.parent.mkdir(parents=True)
+    sweep.rename(named)
+    code, err = end_of_sweep(named, capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: 2 of the sweep's 6 runs did not complete")
+    assert "(1 failed, 1 unfinished)" in err and str(named / "report.html") in err
+    assert "sweep.name=2026-12-04/19-19-36 runs the failed and unfinished ones again" in err
+    assert (named / "report.html").is_file() and len(read_csv(named)) == 6  # the report is written first
+
+
+def test_a_sweep_outside_multirun_is_named_by_its_folder_to_relaunch(sweep, capsys):
+    code, err = end_of_sweep(sweep, capsys)
+    assert code == 1 and f"hydra.sweep.dir={sweep} runs the failed and unfinished ones again" in err
+
+
+def test_a_sweep_whose_runs_all_completed_ends_normally(sweep, capsys):
+    for name in ("f", "u"):
+        for path in sorted((sweep / name).rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        (sweep / name).rmdir()
+    assert end_of_sweep(sweep, capsys) == (None, "")
 
 
 def test_the_counts_leave_out_broken_when_there_is_none(sweep):

@@ -16,11 +16,16 @@ from jdiff import rundir
 from jdiff.rundir import COMPLETE, FAILED, JOB
 
 
-def sweep(cwd: Path, cache: Path, name: str, *extra: str):
+ONE_FAILED = "1 of the sweep's 2 runs did not complete (1 failed)"
+
+
+def sweep(cwd: Path, cache: Path, name: str, *extra: str, ended: str = ONE_FAILED):
     done = jdiff_cli(["-m", "experiment=demo", "engine=torch", "train.steps=3", "infer.steps=2",
                       "prior.images_per_object=1", f"paths.cache={cache}", "gpus=[]", "n_jobs=1", f"sweep.name={name}",
                       "train.lr=1e30,1e-3", *extra], cwd)
-    assert done.returncode == 0 and "Traceback (most recent call last)" not in done.stdout, done.stderr[-3000:]
+    assert "Traceback (most recent call last)" not in done.stdout, done.stderr[-3000:]
+    # the diverging run fails: the sweep says so in its last line, and its exit code is 1
+    assert done.returncode == 1 and ended in done.stderr.splitlines()[-1], done.stderr[-3000:]
     return done
 
 
@@ -77,7 +82,7 @@ def test_one_damaged_run_never_stops_the_relaunch_or_the_report(swept, tmp_path)
     (good / "config.yaml").write_text("style: [unclosed\n")
     (good / ".hydra" / "overrides.yaml").write_text("{not: a list}\n")
     before = snapshot(good)
-    sweep(tmp_path, cache, "lr")
+    sweep(tmp_path, cache, "lr", ended="2 of the sweep's 2 runs did not complete (1 failed, 1 broken)")
     assert snapshot(good) == before  # a finished run is skipped, damaged or not
     rows = report_rows(tmp_path / "multirun" / "lr")
     assert rows["good"]["status"] == "broken"

@@ -41,11 +41,14 @@ def sweep_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def launch(root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    """Run a sweep to its end in ``root`` (paths.root=. is root, so its cache and multirun/ are used)."""
+def launch(root: Path, name: str, *overrides: str, failed: int = 0) -> subprocess.CompletedProcess:
+    """Run a sweep to its end in ``root`` (paths.root=. is root, so its cache and multirun/ are used). With
+    ``failed`` runs it ends with exit code 1 and one line that counts them."""
     done = subprocess.run(sweep_command(name, *overrides), cwd=root, env=sweep_env(), capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == (1 if failed else 0), done.stdout[-3000:] + done.stderr[-3000:]
+    if failed:
+        assert f"runs did not complete ({failed} failed)" in done.stderr.splitlines()[-1], done.stderr[-3000:]
     return done
 
 
@@ -93,7 +96,7 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_sweep(jdiff_root, tiny_model_dir) -> Path:
-    launch(jdiff_root, "two_gpus", "lora.unet_rank=2,4,-1", "gpus=[0,1]")
+    launch(jdiff_root, "two_gpus", "lora.unet_rank=2,4,-1", "gpus=[0,1]", failed=1)
     return jdiff_root / "multirun" / "two_gpus"
 
 
@@ -131,7 +134,7 @@ def test_relaunch_skips_finished_runs_reruns_the_rest_and_reproduces_them(gpu_sw
     (runs["4"] / COMPLETE).unlink()  # as if the run had been killed before it finished
 
     # Another grid order (other job numbers), one job at a time, no GPU: it must find its runs by overrides.
-    done = launch(jdiff_root, "resumed", "lora.unet_rank=4,-1,2", "n_jobs=1", "gpus=[]")
+    done = launch(jdiff_root, "resumed", "lora.unet_rank=4,-1,2", "n_jobs=1", "gpus=[]", failed=1)
 
     assert runs_by(sweep_dir, "lora.unet_rank") == runs
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished} == finished
@@ -195,7 +198,7 @@ def test_optuna_search_through_submitit_records_a_failed_trial_and_goes_on(jdiff
     # Optuna 2.10 draws rank 2, then -1 (a failure after a success, the order the sweeper plugin handles worst).
     launch(jdiff_root, "optuna", "search=optuna", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=2",
            "hydra/launcher=slurm_local", "hydra.launcher.gpus_per_node=0", "n_jobs=2", "lora.unet_rank=choice(-1,2)",
-           "prior.weight=choice(1.0)", "init.strength=choice(0.9)", "train.steps=choice(2)")
+           "prior.weight=choice(1.0)", "init.strength=choice(0.9)", "train.steps=choice(2)", failed=1)
     sweep_dir = jdiff_root / "multirun" / "optuna"
     runs = runs_by(sweep_dir, "lora.unet_rank")
     assert set(runs) == {"-1", "2"} and read(runs["-1"] / FAILED)["type"] == "ConfigError"
