@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ class SweepReport(Callback):
     ends with exit code 1, so that a script or a scheduler does not take it for a finished sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from jdiff.report import write_report
+        from jdiff.report import status_counts, write_report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
@@ -60,9 +59,9 @@ class SweepReport(Callback):
                       sweep_dir, err, sweep_dir)
             return
         log.info("sweep report (%d runs): %s", len(runs), sweep_dir / "report.html")
-        counts = Counter(run.status for run in runs)
+        counts = status_counts(runs)
         if counts["complete"] < len(runs):
-            others = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "complete")
+            others = ", ".join(f"{n} {status}" for status, n in counts.items() if n and status != "complete")
             print(f"error: {len(runs) - counts['complete']} of the sweep's {len(runs)} runs did not complete "
                   f"({others}); {sweep_dir / 'report.html'} says why. The same command with "
                   f"{relaunch_override(sweep_dir)} runs the failed and unfinished ones again.", file=sys.stderr)

@@ -396,8 +396,13 @@ def _md_row(cells: list) -> str:
     return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
 
 
+def status_counts(runs: list[RunRecord]) -> dict[str, int]:
+    """How many runs have each status, in STATUS_ORDER."""
+    return {s: sum(r.status == s for r in runs) for s in STATUS_ORDER}
+
+
 def _counts(runs: list[RunRecord]) -> str:
-    counts = {s: sum(r.status == s for r in runs) for s in STATUS_ORDER}
+    counts = status_counts(runs)
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "broken")
 
 
